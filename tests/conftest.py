@@ -1,0 +1,38 @@
+"""Shared fixtures. Omniglot is read from ``../shared/data/omniglot`` beside the checkout
+(or ``$METAOPT_OMNIGLOT``); CI always has it, so a missing copy is an error, not a skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _omniglot_root() -> Path:
+    env = os.environ.get("METAOPT_OMNIGLOT")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "omniglot"
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    root = _omniglot_root()
+    if not (root / "images_background.npz").is_file():
+        pytest.fail(
+            f"Omniglot copy not found at {root}; set METAOPT_OMNIGLOT to the folder that "
+            "holds images_background.npz, images_evaluation.npz and index.json"
+        )
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Two CI cores; keep torch from oversubscribing them when pytest-xdist runs workers.
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    yield
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
