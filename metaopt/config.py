@@ -1,0 +1,395 @@
+"""Experiment configs: plain YAML with five sections, checked key by key.
+
+A config file holds the sections ``task``, ``model``, ``inner``, ``outer`` and ``train``.
+Everything left out takes the default below (the sinusoid protocol of Finn et al. 2017 with
+a short schedule), and a file may start from another one with ``base: other.yaml`` (a path
+relative to the file) and override only what differs::
+
+    # configs/sinusoid_5shot.yaml
+    base: sinusoid.yaml
+    task: {shots: 5, queries: 5}
+
+Overrides from the command line (``--set inner.lr=0.05``) are applied last; their values are
+read as YAML (``20`` is an int, ``true`` a bool, ``[40, 40]`` a list, ``null`` is None).
+
+Unknown sections or keys and values of the wrong type are errors that name the key, e.g.
+``config key 'train.iterations': expected int, got str 'ten'``. Integers are accepted where
+a float is expected, and so is a string that reads as a number (YAML 1.1 reads ``1e-3``
+without a dot as a string). Files are read with :func:`yaml.safe_load` only.
+
+``inner`` and ``outer`` accept, besides their fixed keys, the constructor arguments of the
+chosen optimizer (``inner.momentum`` for SGD, ``outer.weight_decay``, ``outer.betas``,
+``outer.scale_parameter`` for transformers' Adafactor, ...); anything the constructor does
+not take is rejected by name when the config is resolved.
+
+Example:
+    >>> cfg = resolve({"inner": {"lr": 0.05}, "train": {"iterations": 10}})
+    >>> cfg["inner"]["lr"], cfg["inner"]["steps"], cfg["outer"]["name"]
+    (0.05, 1, 'adam')
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+Config = dict[str, dict[str, Any]]
+SECTIONS = ("task", "model", "inner", "outer", "train")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: its type(s), default and simple bounds."""
+
+    kind: str  # "int", "float", "bool", "str", "list[int]", "any"
+    default: Any
+    nullable: bool = False
+    min: float | None = None
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+
+# Defaults: the sinusoid regression protocol of Finn et al. (2017) with a short schedule.
+SCHEMA: dict[str, dict[str, Field]] = {
+    "task": {
+        "name": Field("str", "sinusoid", help="task distribution: sinusoid | omniglot"),
+        "shots": Field("int", 10, min=1, help="support examples per class (per task for sinusoid)"),
+        "queries": Field("int", 10, min=1, help="query examples per class (per task for sinusoid)"),
+        "ways": Field("int", None, nullable=True, min=1, help="classes per task (omniglot)"),
+        "root": Field("str", None, nullable=True,
+                      help="Omniglot folder; null: $METAOPT_OMNIGLOT or ../shared/data/omniglot"),
+    },
+    "model": {
+        "name": Field("str", "auto", choices=("auto", "mlp", "conv4"),
+                      help="auto: mlp for sinusoid, conv4 for omniglot"),
+        "hidden_sizes": Field("list[int]", [40, 40], help="MLP hidden widths"),
+        "filters": Field("int", 64, min=1, help="Conv4 channels per block"),
+    },
+    "inner": {
+        "name": Field("str", "sgd", help="inner optimizer, see metaopt.optim.names()"),
+        "lr": Field("float", 0.01, nullable=True, min=0.0, help="inner learning rate (null: the optimizer's own default)"),
+        "steps": Field("int", 1, min=0, help="inner steps during meta-training"),
+        "eval_steps": Field("int", None, nullable=True, min=0, help="inner steps at validation/test (null: steps)"),
+        "first_order": Field("bool", False, help="first-order MAML"),
+        "learn_lr": Field("bool", False, help="meta-learn the inner learning rate (a scalar tensor)"),
+    },
+    "outer": {
+        "name": Field("str", "adam", choices=("adam", "adamw", "sgd", "adafactor"),
+                      help="meta-optimizer"),
+        "lr": Field("float", 1e-3, nullable=True, min=0.0,
+                    help="outer learning rate; null only for transformers' Adafactor (relative step)"),
+        "impl": Field("str", "torch", choices=("torch", "transformers"),
+                      help="adafactor implementation: torch.optim.Adafactor or transformers'"),
+    },
+    "train": {
+        "iterations": Field("int", 3000, min=0, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
+        "meta_batch_size": Field("int", 25, min=1, help="tasks per meta-iteration"),
+        "seed": Field("int", 0, help="seed of model init and of every task generator"),
+        "eval_every": Field("int", 500, min=0, help="validate every N iterations (0: never)"),
+        "eval_tasks": Field("int", 100, min=1, help="held-out tasks per validation"),
+        "test_tasks": Field("int", 600, min=1, help="tasks in the final test (mean and 95% CI)"),
+        "eval_batch_size": Field("int", 100, min=1, help="tasks adapted at once during evaluation"),
+        "checkpoint_every": Field("int", 500, min=0, help="checkpoint every N iterations (0: only at the end)"),
+        "log_every": Field("int", 10, min=1, help="metrics.csv / TensorBoard row every N iterations"),
+        "grad_clip": Field("float", None, nullable=True, min=0.0, help="clip the meta-gradient norm (null: off)"),
+        "device": Field("str", "auto", choices=("auto", "cpu", "cuda"), help="where to train"),
+        "tensorboard": Field("bool", True, help="write TensorBoard event files"),
+        "plots": Field("bool", True, help="write plots/*.png at the end"),
+        "progress": Field("bool", True, help="show a tqdm progress bar"),
+    },
+}
+
+# Keys of inner/outer that are not optimizer constructor arguments.
+_INNER_OWN = set(SCHEMA["inner"])
+_OUTER_OWN = set(SCHEMA["outer"])
+
+
+def defaults() -> Config:
+    """The default config (a fresh deep copy)."""
+    return {s: {k: copy.deepcopy(f.default) for k, f in fields.items()} for s, fields in SCHEMA.items()}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_yaml(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, following ``base:`` includes (deep merge; lists are replaced).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, not a mapping, or an include cycle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in (*_seen, resolved))}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file path, got {type(base).__name__}")
+    parent = read_yaml(path.parent / base, _seen=(*_seen, resolved))
+    return merge(parent, data)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base`` (mappings merge, anything else replaces)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"inner.lr=0.05"`` -> ``(["inner", "lr"], 0.05)``; the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key):
+        raise ConfigError(f"--set expects section.key=value (e.g. inner.lr=0.05), got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``--set`` items (see :func:`parse_override`) to a raw config mapping."""
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:-1])} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (or start from the defaults), apply ``--set`` overrides, validate.
+
+    Example:
+        >>> cfg = load(None, ["train.iterations=20"])
+        >>> cfg["train"]["iterations"]
+        20
+    """
+    data = read_yaml(path) if path is not None else {}
+    return resolve(apply_overrides(data, overrides))
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _check_value(key: str, f: Field, v: Any) -> Any:
+    if v is None:
+        if f.nullable:
+            return None
+        raise ConfigError(f"config key {key!r}: must not be null (expected {f.kind})")
+    bad = f"config key {key!r}: expected {f.kind}, got {type(v).__name__} {v!r}"
+    if f.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise ConfigError(bad)
+    elif f.kind == "float":
+        if isinstance(v, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", v):
+            v = float(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(bad)
+        v = float(v)
+        if not math.isfinite(v):
+            raise ConfigError(f"config key {key!r}: must be finite, got {v}")
+    elif f.kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(bad)
+    elif f.kind == "str":
+        if not isinstance(v, str):
+            raise ConfigError(bad)
+    elif f.kind == "list[int]":
+        if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+            raise ConfigError(f"config key {key!r}: expected a non-empty list of positive ints, got {v!r}")
+    if f.min is not None and isinstance(v, (int, float)) and v < f.min:
+        raise ConfigError(f"config key {key!r}: must be >= {f.min:g}, got {v}")
+    if f.choices is not None and v not in f.choices:
+        raise ConfigError(f"config key {key!r}: must be one of {', '.join(f.choices)}, got {v!r}")
+    return v
+
+
+def resolve(data: Mapping[str, Any]) -> Config:
+    """Merge ``data`` over the defaults and check every key; return the resolved config.
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, value out of range, unknown
+            optimizer, or an optimizer argument its constructor does not take.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    for section, body in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"unknown config section {section!r}; known sections: {', '.join(SECTIONS)}")
+        if body is not None and not isinstance(body, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {type(body).__name__}")
+    cfg = merge(defaults(), {s: dict(b or {}) for s, b in data.items()})
+    for section, fields in SCHEMA.items():
+        extra_ok = section in ("inner", "outer")
+        for key in list(cfg[section]):
+            name = f"{section}.{key}"
+            if key in fields:
+                cfg[section][key] = _check_value(name, fields[key], cfg[section][key])
+            elif not extra_ok:
+                raise ConfigError(
+                    f"unknown config key {name!r}; known keys of {section!r}: {', '.join(fields)}"
+                )
+    _check_task(cfg)
+    _check_inner(cfg["inner"])
+    _check_outer(cfg["outer"])
+    return cfg
+
+
+TASKS = ("sinusoid", "omniglot")
+
+
+def _check_task(cfg: Config) -> None:
+    """Task-dependent rules; fills ``model.name: auto`` and ``inner.eval_steps: null``."""
+    task = cfg["task"]
+    name = task["name"]
+    if name not in TASKS:
+        raise ConfigError(f"config key 'task.name': unknown task {name!r}; known: {', '.join(TASKS)}")
+    if name == "sinusoid":
+        for key in ("ways", "root"):
+            if task[key] is not None:
+                raise ConfigError(f"config key 'task.{key}' is not used by task 'sinusoid' (set it to null)")
+    if name == "omniglot" and task["ways"] is None:
+        raise ConfigError("config key 'task.ways' is required for task 'omniglot' (e.g. 5 or 20)")
+    if task["ways"] is not None and task["ways"] < 2:
+        raise ConfigError(f"config key 'task.ways': must be >= 2, got {task['ways']}")
+    model = cfg["model"]
+    if model["name"] == "auto":
+        model["name"] = "mlp" if name == "sinusoid" else "conv4"
+    wanted = "mlp" if name == "sinusoid" else "conv4"
+    if model["name"] != wanted:
+        raise ConfigError(f"config key 'model.name': task {name!r} needs model {wanted!r}, got {model['name']!r}")
+    if cfg["inner"]["eval_steps"] is None:
+        cfg["inner"]["eval_steps"] = cfg["inner"]["steps"]
+
+
+def _accepted_kwargs(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names a factory takes, or None when it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    names = set()
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+            names.add(p.name)
+    return names
+
+
+def _check_extra(section: str, cfg: dict[str, Any], own: set[str], factory: Callable[..., Any], what: str) -> None:
+    accepted = _accepted_kwargs(factory)
+    if accepted is None:
+        return
+    for key in cfg:
+        if key not in own and key not in accepted:
+            known = sorted(own | (accepted - {"params", "lr"}))
+            raise ConfigError(f"unknown config key '{section}.{key}' for {what}; known keys: {', '.join(known)}")
+
+
+def _check_inner(inner: dict[str, Any]) -> None:
+    from metaopt import optim
+
+    name = inner["name"]
+    if name.lower() not in optim.names():
+        raise ConfigError(f"config key 'inner.name': unknown inner optimizer {name!r}; known: {', '.join(optim.names())}")
+    factory = optim.registry._REGISTRY[name.lower()]
+    _check_extra("inner", inner, _INNER_OWN, factory, f"inner optimizer {name!r}")
+
+
+def _check_outer(outer: dict[str, Any]) -> None:
+    from metaopt import outer as outer_mod
+
+    try:
+        factory = outer_mod.optimizer_class(outer["name"], outer["impl"])
+    except ValueError as e:
+        raise ConfigError(f"config key 'outer.name': {e}") from None
+    _check_extra("outer", outer, _OUTER_OWN, factory, f"outer optimizer {outer['name']!r} ({outer['impl']})")
+    if outer["lr"] is None and not (outer["name"] == "adafactor" and outer["impl"] == "transformers"):
+        raise ConfigError(
+            "config key 'outer.lr': must not be null (only transformers' Adafactor has a relative-step mode "
+            "without a learning rate)"
+        )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def dump(cfg: Mapping[str, Any]) -> str:
+    """YAML text of a config, sections in the canonical order."""
+    ordered = {s: dict(cfg[s]) for s in SECTIONS if s in cfg}
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+
+
+def save(cfg: Mapping[str, Any], path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then ``os.replace``)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump(cfg))
+    os.replace(tmp, path)
+
+
+def describe() -> str:
+    """A plain-text table of every key, its default and meaning (for ``--help``)."""
+    lines = []
+    for section, fields in SCHEMA.items():
+        lines.append(f"{section}:")
+        for key, f in fields.items():
+            lines.append(f"  {key:<17} {f.kind:<9} default {f.default!r:<12} {f.help}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SCHEMA",
+    "SECTIONS",
+    "apply_overrides",
+    "defaults",
+    "dump",
+    "load",
+    "merge",
+    "parse_override",
+    "read_yaml",
+    "resolve",
+    "save",
+]

@@ -1,0 +1,554 @@
+"""The MAML engine: adapt a model to each task with a functional inner optimizer and return
+the query loss whose gradient is the meta-gradient (Finn et al., 2017).
+
+The model is never cloned or modified: it is run at other parameters with
+``torch.func.functional_call(model, (params, buffers), (x,), strict=True)``, and the inner
+optimizer computes new parameter dicts out of place, so autograd sees the whole inner loop.
+
+Example:
+    >>> import torch, metaopt
+    >>> from metaopt.models import MLP
+    >>> from metaopt.optim import SGD
+    >>> from metaopt.tasks.base import TaskBatch
+    >>> model = MLP(1, (8,), 1)
+    >>> maml = metaopt.MAML(model, SGD(lr=0.01), inner_steps=1, loss_fn=torch.nn.functional.mse_loss)
+    >>> outer = torch.optim.Adam(maml.parameters(), lr=1e-3)
+    >>> batch = TaskBatch(support=(torch.randn(4, 10, 1), torch.randn(4, 10, 1)),
+    ...                   query=(torch.randn(4, 10, 1), torch.randn(4, 10, 1)))
+    >>> out = maml.meta_loss(batch)
+    >>> out.loss.backward(); outer.step()
+    >>> out.query_loss.shape, out.accuracy is None
+    (torch.Size([4]), True)
+
+Buffers and batch norm:
+    Normalisation layers use batch statistics in every engine call (MAML's transductive
+    setting), whatever ``model.training`` is: for the duration of the call their
+    ``training`` flag is set (other layers such as dropout keep the model's mode). Each
+    forward receives fresh copies of the model's buffers, so BatchNorm running statistics
+    (and ``num_batches_tracked``) of the model are never changed by ``adapt``,
+    ``meta_loss`` or ``functional_forward``. ``batch_stats=False`` runs the model in its own
+    mode instead (a BatchNorm in eval mode then uses the running statistics as they are).
+
+Order:
+    ``first_order=False``: the meta-gradient flows through every inner step, including the
+    inner gradients (second-order terms) and the inner optimizer's state.
+    ``first_order=True``: inner gradients are computed at detached parameters and enter the
+    update as constants; the update is still differentiated with respect to the parameters
+    and to learnable hyperparameters. For plain SGD this is exactly FOMAML: the meta-gradient
+    is the query-loss gradient at the adapted parameters. No second-order graph is built.
+    Evaluation (``train=False``) builds no graph at all and returns detached values.
+
+Vectorised path:
+    ``vectorize=True`` adapts all tasks of a meta-batch at once with ``torch.func.vmap``
+    (``functional_call`` and ``torch.func.grad`` inside the map); the meta-parameters and
+    learnable hyperparameters are shared (not mapped), inner-optimizer state is mapped.
+    Results equal the per-task loop (within 1e-10 in float64). ``"auto"`` applies
+    :func:`default_vectorize`. Models containing ``torch.nn.BatchNorm*`` cannot be
+    vectorised (their second-order gradients are wrong under vmap in torch 2.13); use
+    :class:`metaopt.models.BatchNorm`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaopt.models import BatchNorm
+from metaopt.tasks.base import TaskBatch, as_task_batch
+from metaopt.types import Buffers, Params
+
+__all__ = ["MAML", "MetaLossOutput", "default_vectorize", "has_torch_batchnorm"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Vectorize = Union[bool, Literal["auto"]]
+
+# Layers whose batch statistics MAML uses (forced into training mode when batch_stats=True).
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, BatchNorm)
+
+
+class MetaLossOutput(NamedTuple):
+    """What :meth:`MAML.meta_loss` returns. Per-task tensors have shape ``(tasks,)``.
+
+    Attributes:
+        loss: scalar, mean over tasks of the query loss after adaptation; differentiable
+            with respect to ``maml.parameters()`` when training (detached in evaluation).
+        query_loss: query loss of each task after adaptation (same graph as ``loss``).
+        query_loss_before: query loss of each task at the meta-parameters (no adaptation),
+            detached; ``None`` when ``meta_loss(..., before=False)``.
+        accuracy: fraction of query predictions ``output.argmax(1) == target`` after
+            adaptation, detached; ``None`` unless the targets are integer class indices and
+            the output has one more dimension than the targets (classification).
+        accuracy_before: the same at the meta-parameters; ``None`` when not classification
+            or ``before=False``.
+        inner_steps: the number of inner steps used.
+    """
+
+    loss: Tensor
+    query_loss: Tensor
+    query_loss_before: Tensor | None
+    accuracy: Tensor | None
+    accuracy_before: Tensor | None
+    inner_steps: int
+
+
+def has_torch_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` contains a ``torch.nn.BatchNorm1d/2d/3d`` (or SyncBatchNorm)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def default_vectorize(model: nn.Module, device: torch.device | str) -> bool:
+    """The rule ``vectorize="auto"`` applies: is ``vmap`` over tasks expected to be faster?
+
+    - never when the model contains ``torch.nn.BatchNorm*`` (wrong second-order gradients
+      under vmap in torch 2.13; the loop is exact);
+    - always on CUDA (one batched kernel per layer instead of one per task);
+    - on CPU only for models without convolutions (MLP-sized models gain from batching the
+      small matmuls; batched convolutions under vmap are slower than the loop on CPU).
+
+    Example:
+        >>> from metaopt.models import MLP, Conv4
+        >>> default_vectorize(MLP(), "cpu"), default_vectorize(Conv4(5), "cpu")
+        (True, False)
+    """
+    if has_torch_batchnorm(model):
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
+def _check_int(value: Any, name: str, *, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 0 but is {type(value).__name__}: {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0 but is: {value}")
+
+
+def _walk_hparams(obj: Any, path: str, out: dict[str, nn.Parameter], seen: set[int], depth: int) -> None:
+    """Collect the ``nn.Parameter``s reachable from an inner optimizer's attributes (tensors,
+    dicts/lists/tuples of them, nested objects such as a wrapped optimizer, modules)."""
+    if isinstance(obj, nn.Parameter):
+        out.setdefault(path, obj)
+        return
+    if depth > 4 or id(obj) in seen or isinstance(obj, (Tensor, str, bytes, int, float, type)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, nn.Module):
+        items = list(obj.named_parameters())
+    elif isinstance(obj, dict):
+        items = [(str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (types.FunctionType, types.MethodType, types.ModuleType)):
+        items = list(vars(obj).items())
+    else:
+        return
+    for k, v in items:
+        _walk_hparams(v, f"{path}/{k}" if path else str(k), out, seen, depth + 1)
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning over any ``nn.Module`` and any functional inner optimizer.
+
+    ``MAML`` is an ``nn.Module`` holding ``model`` as a submodule and the inner optimizer's
+    learnable hyperparameters (every ``nn.Parameter`` found in its attributes, in dicts or
+    lists of them — e.g. ``SGD(lr=nn.Parameter(...))``, :class:`metaopt.optim.learned.MetaSGD`)
+    in ``inner_hparams``, so ``maml.parameters()`` is what the outer optimizer trains and
+    ``maml.state_dict()`` checkpoints both. An inner optimizer that is itself an
+    ``nn.Module`` is registered as the submodule ``inner_optimizer``.
+
+    For each task the inner optimizer's state is re-initialised (``init``), then ``steps``
+    times: support loss at the current params, its gradient, ``step``. The meta-loss is the
+    query loss at the adapted params, averaged over tasks.
+
+    Args:
+        model: any ``nn.Module``; its parameters that require grad are adapted in the inner
+            loop and meta-learned; parameters with ``requires_grad=False`` are held fixed.
+        inner_optimizer: any object with ``init(params) -> state`` and
+            ``step(params, grads, state) -> (params, state)``; default ``SGD(lr=0.4)``.
+        inner_steps: inner steps when training (>= 0).
+        first_order: first-order MAML (see the module docstring, "Order").
+        loss_fn: ``loss_fn(output, target) -> scalar tensor`` for support and query.
+        eval_inner_steps: inner steps when evaluating; default ``inner_steps``.
+        allow_unused: treat the gradient of a parameter that the support loss does not use
+            as zero; otherwise such a parameter raises ``ValueError``.
+        vectorize: ``True`` (vmap over tasks), ``False`` (loop over tasks) or ``"auto"``
+            (:func:`default_vectorize` for the model and the batch's device).
+        batch_stats: normalisation layers use batch statistics in every call (default,
+            MAML's transductive setting); ``False`` runs the model in its own mode.
+        chunk_size: with vmap, map this many tasks at a time (bounds memory); ``None``: all.
+
+    Raises:
+        TypeError / ValueError: for a model that is not an ``nn.Module``, an inner optimizer
+            without ``init``/``step``, a non-int or negative step count, an unknown
+            ``vectorize``, or ``vectorize=True`` on a model with ``torch.nn.BatchNorm*``.
+
+    Reference:
+        Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+        Networks", ICML 2017.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optimizer: Any = None,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss_fn: LossFn = F.cross_entropy,
+        *,
+        eval_inner_steps: int | None = None,
+        allow_unused: bool = False,
+        vectorize: Vectorize = "auto",
+        batch_stats: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module but is {type(model).__name__}")
+        if inner_optimizer is None:
+            from metaopt.optim import SGD
+
+            inner_optimizer = SGD(lr=0.4)
+        if not (callable(getattr(inner_optimizer, "init", None)) and callable(getattr(inner_optimizer, "step", None))):
+            raise TypeError(
+                "inner_optimizer must have init(params) -> state and step(params, grads, state) "
+                f"-> (params, state) methods (e.g. metaopt.optim.SGD) but is {type(inner_optimizer).__name__}"
+            )
+        _check_int(inner_steps, "inner_steps")
+        _check_int(eval_inner_steps, "eval_inner_steps", allow_none=True)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, target) -> scalar but is {loss_fn!r}")
+        if vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize must be True, False or 'auto' but is: {vectorize!r}")
+        if vectorize is True and has_torch_batchnorm(model):
+            raise ValueError(
+                "vectorize=True cannot be used with a model containing torch.nn.BatchNorm*: under "
+                "torch.func.vmap its second-order gradients are wrong. Use "
+                "metaopt.models.BatchNorm (same function, exact under vmap) or vectorize=False"
+            )
+        if chunk_size is not None:
+            _check_int(chunk_size, "chunk_size")
+            if chunk_size == 0:
+                raise ValueError("chunk_size must be None or an int >= 1 but is: 0")
+        self.model = model
+        self.inner_optimizer = inner_optimizer  # registered as a submodule if it is one
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.first_order = bool(first_order)
+        self.loss_fn = loss_fn
+        self.allow_unused = bool(allow_unused)
+        self.vectorize = vectorize
+        self.batch_stats = bool(batch_stats)
+        self.chunk_size = chunk_size
+        self.inner_hparams = nn.ParameterDict()
+        if not isinstance(inner_optimizer, nn.Module):
+            found: dict[str, nn.Parameter] = {}
+            _walk_hparams(inner_optimizer, "", found, set(), 0)
+            model_ids = {id(p) for p in model.parameters()}
+            for path, p in found.items():
+                if id(p) in model_ids:
+                    continue
+                key = path.replace(".", "-")  # parameter names may not contain dots
+                if key in self.inner_hparams:
+                    raise ValueError(f"two inner-optimizer hyperparameters map to the name {key!r}")
+                self.inner_hparams[key] = p
+        self._unused_checked = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_steps={self.inner_steps}, eval_inner_steps={self.eval_inner_steps}, "
+            f"first_order={self.first_order}, vectorize={self.vectorize!r}"
+        )
+
+    # ------------------------------------------------------------------ model evaluation
+
+    @contextlib.contextmanager
+    def _norm_mode(self) -> Iterator[None]:
+        """Normalisation layers in training mode (batch statistics) for the duration."""
+        if not self.batch_stats:
+            yield
+            return
+        flipped = [m for m in self.model.modules() if isinstance(m, _NORM_TYPES) and not m.training]
+        for m in flipped:
+            m.training = True
+        try:
+            yield
+        finally:
+            for m in flipped:
+                m.training = False
+
+    def _split_params(self) -> tuple[Params, Params]:
+        """(adapted, fixed): parameters that require grad, and the others (detached)."""
+        adapted, fixed = {}, {}
+        for k, p in self.model.named_parameters():
+            if p.requires_grad:
+                adapted[k] = p
+            else:
+                fixed[k] = p.detach()
+        return adapted, fixed
+
+    def _call(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor) -> Tensor:
+        # Fresh buffer copies per call: training-mode BatchNorm updates running stats in
+        # place in whatever tensors functional_call hands it; the model's stay untouched.
+        bufs = {k: b.clone() for k, b in buffers.items()}
+        full = {**fixed, **params} if fixed else params
+        return functional_call(self.model, (full, bufs), (x,), strict=True)
+
+    def _loss(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        out = self._call(params, fixed, buffers, x)
+        loss = self.loss_fn(out, y)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss_fn must return a scalar tensor but returned {type(loss).__name__}")
+        if loss.dim() != 0:
+            raise ValueError(
+                f"loss_fn must return a scalar (0-dim) tensor but returned shape {tuple(loss.shape)}; "
+                "use reduction='mean' or 'sum'"
+            )
+        return loss, out
+
+    @staticmethod
+    def _accuracy(out: Tensor, y: Tensor) -> Tensor:
+        return (out.argmax(1) == y).to(out.dtype).mean()
+
+    def functional_forward(self, params: Params, x: Tensor) -> Tensor:
+        """The model at ``params`` (e.g. from :meth:`adapt`) on ``x``; buffers are copies.
+
+        ``params`` must hold every parameter of the model (``strict=True``), as ``adapt``
+        returns. Normalisation layers use batch statistics (see ``batch_stats``).
+        """
+        with self._norm_mode():
+            return functional_call(
+                self.model, (params, {k: b.clone() for k, b in self.model.named_buffers()}), (x,), strict=True
+            )
+
+    # ------------------------------------------------------------------ inner loop
+
+    def _steps(self, train: bool, steps: int | None) -> int:
+        if steps is None:
+            return self.inner_steps if train else self.eval_inner_steps
+        _check_int(steps, "steps")
+        return steps
+
+    def _mode(self, train: bool) -> str:
+        """"second" / "first": differentiable inner loop; "none": no graph (evaluation)."""
+        if not train or not torch.is_grad_enabled():
+            return "none"
+        return "first" if self.first_order else "second"
+
+    def _fill_unused(self, params: Params, grads: tuple[Tensor | None, ...]) -> dict[str, Tensor]:
+        missing = [k for k, g in zip(params, grads) if g is None]
+        if missing and not self.allow_unused:
+            raise ValueError(
+                f"parameters {missing} received no gradient from the support loss (not used by the "
+                "model's forward); pass allow_unused=True to MAML to treat their gradient as zero, "
+                "or set requires_grad=False on them to hold them fixed"
+            )
+        return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+
+    def _adapt_one(
+        self, params0: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor, steps: int, mode: str
+    ) -> Params:
+        opt = self.inner_optimizer
+        params = params0 if mode != "none" else {k: p.detach() for k, p in params0.items()}
+        state = opt.init(params)
+        for _ in range(steps):
+            if mode == "second":
+                loss, _ = self._loss(params, fixed, buffers, x, y)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            else:  # gradient at detached params: a constant for the outer graph
+                detached = {k: p.detach().requires_grad_() for k, p in params.items()}
+                with torch.enable_grad():
+                    loss, _ = self._loss(detached, fixed, buffers, x, y)
+                    grads = torch.autograd.grad(loss, list(detached.values()), allow_unused=True)
+            g = self._fill_unused(params, grads)
+            if mode == "none":
+                with torch.no_grad():
+                    params, state = opt.step(params, g, state)
+            else:
+                params, state = opt.step(params, g, state)
+        return params
+
+    def adapt(self, x: Tensor, y: Tensor, *, steps: int | None = None, train: bool | None = None) -> Params:
+        """Adapt the model to one task's support set; return the adapted parameters.
+
+        Args:
+            x: support inputs of one task ``(examples, ...)`` (no task dimension).
+            y: support targets ``(examples, ...)``.
+            steps: inner steps; default ``inner_steps`` when training, else ``eval_inner_steps``.
+            train: training (differentiable, second or first order) or evaluation (no graph,
+                detached result); default ``self.training``.
+
+        Returns:
+            ``{name: Tensor}`` for every model parameter (fixed ones included), ready for
+            :meth:`functional_forward`. The model itself is not modified.
+        """
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"x and y must be tensors but are {type(x).__name__} and {type(y).__name__}")
+        if x.dim() < 1 or y.dim() < 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"x {tuple(x.shape)} and y {tuple(y.shape)} must have the same number of examples "
+                "in their first dimension"
+            )
+        train = self.training if train is None else bool(train)
+        n = self._steps(train, steps)
+        params0, fixed = self._split_params()
+        buffers = dict(self.model.named_buffers())
+        with self._norm_mode():
+            params = self._adapt_one(params0, fixed, buffers, x, y, n, self._mode(train))
+        return {**fixed, **params}
+
+    # ------------------------------------------------------------------ meta-loss
+
+    def meta_loss(
+        self,
+        batch: TaskBatch | dict[str, Any],
+        *,
+        train: bool | None = None,
+        steps: int | None = None,
+        before: bool = True,
+    ) -> MetaLossOutput:
+        """Adapt to every task's support set and return the query losses.
+
+        Args:
+            batch: a :class:`metaopt.tasks.base.TaskBatch` or a torchmeta-style dict
+                ``{"train": (x, y), "test": (x, y)}``, task dimension first.
+            train: ``True``: differentiable (``out.loss.backward()`` gives the meta-gradient);
+                ``False``: evaluation, no graph, ``eval_inner_steps``; default ``self.training``.
+                Under ``torch.no_grad()`` no graph is built either way.
+            steps: override the number of inner steps.
+            before: also compute the query loss/accuracy at the meta-parameters (one extra
+                forward per task without grad).
+
+        Returns:
+            :class:`MetaLossOutput`.
+
+        Raises:
+            TypeError / ValueError: for a malformed batch (shapes named in the message), a
+                non-scalar loss, a bad ``steps``, or an unused parameter.
+        """
+        b = as_task_batch(batch)
+        (xs, ys), (xq, yq) = b.support, b.query
+        if xs.shape[2:] != xq.shape[2:]:
+            raise ValueError(
+                f"support inputs {tuple(xs.shape)} and query inputs {tuple(xq.shape)} must have the "
+                "same per-example shape (dims after (tasks, examples))"
+            )
+        if ys.shape[2:] != yq.shape[2:] or ys.dtype != yq.dtype:
+            raise ValueError(
+                f"support targets {tuple(ys.shape)} {ys.dtype} and query targets {tuple(yq.shape)} "
+                f"{yq.dtype} must have the same per-example shape and dtype"
+            )
+        train = self.training if train is None else bool(train)
+        n = self._steps(train, steps)
+        mode = self._mode(train)
+        classify = not (torch.is_floating_point(yq) or torch.is_complex(yq) or yq.dtype == torch.bool)
+        params0, fixed = self._split_params()
+        buffers = dict(self.model.named_buffers())
+        versions = [p._version for p in params0.values()]
+        with self._norm_mode():
+            if self._use_vmap(xs.device):
+                res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
+            else:
+                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before)
+        if versions != [p._version for p in params0.values()]:
+            raise RuntimeError("the inner optimizer modified the model's parameters in place; step must be pure")
+        loss_t = res["loss"]
+        return MetaLossOutput(
+            loss=loss_t.mean(),
+            query_loss=loss_t,
+            query_loss_before=res.get("loss0"),
+            accuracy=res.get("acc"),
+            accuracy_before=res.get("acc0"),
+            inner_steps=n,
+        )
+
+    def _use_vmap(self, device: torch.device) -> bool:
+        if self.vectorize == "auto":
+            return default_vectorize(self.model, device)
+        return bool(self.vectorize)
+
+    def _meta_loss_loop(
+        self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
+        classify: bool, before: bool,
+    ) -> dict[str, Tensor]:
+        (xs, ys), (xq, yq) = b.support, b.query
+        losses, accs, losses0, accs0 = [], [], [], []
+        grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
+        for i in range(b.num_tasks):
+            params = self._adapt_one(params0, fixed, buffers, xs[i], ys[i], n, mode)
+            with grad_ctx():
+                loss, out = self._loss(params, fixed, buffers, xq[i], yq[i])
+            losses.append(loss)
+            if classify:
+                with torch.no_grad():
+                    accs.append(self._accuracy(out, yq[i]))
+            if before:
+                with torch.no_grad():
+                    loss0, out0 = self._loss(params0, fixed, buffers, xq[i], yq[i])
+                    losses0.append(loss0)
+                    if classify:
+                        accs0.append(self._accuracy(out0, yq[i]))
+        res = {"loss": torch.stack(losses)}
+        if classify:
+            res["acc"] = torch.stack(accs)
+        if before:
+            res["loss0"] = torch.stack(losses0)
+            if classify:
+                res["acc0"] = torch.stack(accs0)
+        return res
+
+    def _meta_loss_vmap(
+        self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
+        classify: bool, before: bool,
+    ) -> dict[str, Tensor]:
+        (xs, ys), (xq, yq) = b.support, b.query
+        T = b.num_tasks
+        if n > 0 and not self.allow_unused and not self._unused_checked:
+            # torch.func.grad silently returns zeros for unused inputs: check once on task 0.
+            self._adapt_one(params0, fixed, buffers, xs[0], ys[0], 1, "none")
+            self._unused_checked = True
+        if mode == "none":
+            params0 = {k: p.detach() for k, p in params0.items()}
+        opt = self.inner_optimizer
+
+        def support_loss(params: Params, bufs: Buffers, x: Tensor, y: Tensor) -> Tensor:
+            return self._loss(params, fixed, bufs, x, y)[0]
+
+        grad_fn = torch.func.grad(support_loss)
+
+        def task(xs_i: Tensor, ys_i: Tensor, xq_i: Tensor, yq_i: Tensor, bufs: Buffers) -> dict[str, Tensor]:
+            # params0 is captured, not mapped: the first step runs the shared weights on
+            # this task's data, and only the updated params carry a task dimension.
+            params = params0
+            state = opt.init(params)
+            for _ in range(n):
+                at = params if mode == "second" else {k: p.detach() for k, p in params.items()}
+                grads = grad_fn(at, bufs, xs_i, ys_i)
+                params, state = opt.step(params, grads, state)
+            loss, out = self._loss(params, fixed, bufs, xq_i, yq_i)
+            res = {"loss": loss}
+            with torch.no_grad():
+                if classify:
+                    res["acc"] = self._accuracy(out, yq_i)
+                if before:
+                    loss0, out0 = self._loss(params0, fixed, bufs, xq_i, yq_i)
+                    res["loss0"] = loss0
+                    if classify:
+                        res["acc0"] = self._accuracy(out0, yq_i)
+            return res
+
+        # Buffers mapped as expanded views (no copy); each forward clones its own per task.
+        bufs = {k: v.expand(T, *v.shape) for k, v in buffers.items()}
+        mapped = torch.func.vmap(task, in_dims=(0, 0, 0, 0, 0), randomness="different", chunk_size=self.chunk_size)
+        ctx = torch.no_grad() if mode == "none" else contextlib.nullcontext()
+        with ctx:
+            return mapped(xs, ys, xq, yq, bufs)

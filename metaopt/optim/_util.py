@@ -1,0 +1,81 @@
+"""Small helpers shared by the functional optimizers (validation, hyperparameter lookup)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaopt.types import Grads, HyperParam, Params
+
+
+def is_number(x: Any) -> bool:
+    """True for Python ints/floats (not bools, not tensors)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_hyper(x: Any, name: str, *, allow_dict: bool = False) -> None:
+    """Reject hyperparameters of the wrong kind: not a number, an integer tensor, ...."""
+    if is_number(x):
+        return
+    if isinstance(x, Tensor):
+        if not torch.is_floating_point(x):
+            raise ValueError(f"{name} must be a float or a floating-point tensor but is a tensor of dtype {x.dtype}")
+        return
+    if allow_dict and isinstance(x, dict):
+        for k, v in x.items():
+            check_hyper(v, f"{name}[{k!r}]")
+        return
+    allowed = "a float, a floating-point tensor" + (" or a dict of tensors keyed like params" if allow_dict else "")
+    raise ValueError(f"{name} must be {allowed} but is: {x!r}")
+
+
+def check_ge(x: Any, bound: float, message: str) -> None:
+    """Raise ``ValueError(message.format(x))`` unless ``x >= bound``.
+
+    Only Python numbers (and tensors outside any transform) are checked: checking a tensor
+    requires a host sync, which is fine at construction time but impossible under vmap.
+    """
+    if is_number(x):
+        if not x >= bound:
+            raise ValueError(message.format(x))
+    elif isinstance(x, Tensor) and not _is_wrapped(x):
+        if x.numel() and not bool((x.detach() >= bound).all()):
+            raise ValueError(message.format(x.detach().tolist() if x.numel() == 1 else x.detach()))
+
+
+def _is_wrapped(x: Tensor) -> bool:
+    # functorch-wrapped tensors (inside vmap/grad) cannot be read on the host.
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(x)
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def check_inputs(params: Params, grads: Grads) -> None:
+    """Same keys, floating dtypes. Cheap Python-only checks (no host sync)."""
+    if params.keys() != grads.keys():
+        missing = sorted(set(params) - set(grads))
+        extra = sorted(set(grads) - set(params))
+        raise ValueError(
+            f"grads must have the same keys as params; missing from grads: {missing}, "
+            f"not in params: {extra}"
+        )
+    for k, p in params.items():
+        if not torch.is_floating_point(p):
+            raise ValueError(f"params[{k!r}] must be a floating-point tensor but has dtype {p.dtype}")
+        g = grads[k]
+        if not torch.is_floating_point(g):
+            raise ValueError(f"grads[{k!r}] must be a floating-point tensor but has dtype {g.dtype}")
+
+
+def per_param(h: HyperParam, key: str) -> float | Tensor:
+    """Look up a hyperparameter that may be a dict keyed like params."""
+    if isinstance(h, dict):
+        try:
+            return h[key]
+        except KeyError:
+            raise ValueError(f"per-parameter hyperparameter has no entry for {key!r}; keys: {sorted(h)}") from None
+    return h

@@ -1,0 +1,160 @@
+"""PNG plots of runs (matplotlib, Agg backend: no display needed).
+
+* :func:`learning_curves` - meta-loss before/after adaptation and validation metric
+  (with its 95% CI) against meta-iteration, from a run's ``metrics.csv``.
+* :func:`sinusoid_fits` - adapted predictions against the true sine for a few tasks.
+* :func:`compare_curves` - a metric against meta-iteration, one line per inner optimizer,
+  mean over seeds with a 95% CI band (1.96 std / sqrt(seeds)).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> dict[str, list[float]]:
+    """Columns of a ``metrics.csv`` as float lists (empty cells become NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            try:
+                cols.setdefault(k, []).append(float(v) if v not in ("", None) else math.nan)
+            except ValueError:
+                cols.setdefault(k, []).append(math.nan)
+    return cols
+
+
+def _series(cols: Mapping[str, list[float]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for x, y in zip(cols.get("iteration", []), cols.get(key, [])):
+        if not math.isnan(y):
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def learning_curves(metrics_csv: str | Path, out_png: str | Path, *, title: str = "", metric: str = "") -> Path:
+    """Two panels: training meta-loss (before/after adaptation) and the validation metric."""
+    cols = read_metrics(metrics_csv)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for key, label in (("loss_before", "before adaptation"), ("loss_after", "after adaptation (meta-loss)")):
+        xs, ys = _series(cols, key)
+        if xs:
+            ax.plot(xs, ys, label=label, lw=1)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("query loss (train tasks)")
+    if any(y > 0 for y in cols.get("loss_before", []) if not math.isnan(y)):
+        ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    xs, ys = _series(cols, "val_metric")
+    _, cis = _series(cols, "val_ci95")
+    if xs:
+        ax.plot(xs, ys, marker="o", ms=3, label="after adaptation")
+        if len(cis) == len(ys):
+            ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.25)
+        bx, by = _series(cols, "val_before")
+        if bx:
+            ax.plot(bx, by, ls="--", label="before adaptation")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(f"validation {metric}".strip())
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def sinusoid_fits(curves: Sequence[Mapping[str, Any]], out_png: str | Path, *, title: str = "") -> Path:
+    """One panel per task: true sine, support points, predictions before and after adaptation.
+
+    Each curve: ``x`` (grid), ``true``, ``before``, ``after`` (lists of floats on the grid),
+    ``support_x``, ``support_y``, and optionally ``steps``.
+    """
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4), squeeze=False)
+    for ax, c in zip(axes[0], curves):
+        ax.plot(c["x"], c["true"], "k-", lw=2, label="true sine")
+        ax.plot(c["x"], c["before"], "--", color="tab:gray", label="meta-init (before)")
+        ax.plot(c["x"], c["after"], "-", color="tab:red", label=f"after {c.get('steps', '')} steps".replace("  ", " "))
+        ax.scatter(c["support_x"], c["support_y"], color="tab:blue", zorder=3, s=18, label="support")
+        ax.set_xlabel("x")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def compare_curves(
+    runs: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
+    out_png: str | Path,
+    *,
+    metric: str = "metric",
+    title: str = "",
+) -> Path:
+    """Mean over seeds with a 95% CI band, one line per inner optimizer.
+
+    Args:
+        runs: ``{label: [(iterations, values), ...]}``, one pair per seed. Seeds are
+            aligned on the iterations they share.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, seeds in runs.items():
+        common = sorted(set.intersection(*(set(xs) for xs, _ in seeds))) if seeds else []
+        if not common:
+            continue
+        table = [[dict(zip(xs, ys))[x] for x in common] for xs, ys in seeds]
+        mean, ci = [], []
+        for j in range(len(common)):
+            vals = [row[j] for row in table]
+            m, c = mean_ci(vals)
+            mean.append(m)
+            ci.append(c)
+        ax.plot(common, mean, marker="o", ms=3, label=f"{label} (n={len(seeds)})")
+        ax.fill_between(common, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% CI half-width ``1.96 * std / sqrt(n)`` (population std, as MAML's code)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(values) / n
+    std = math.sqrt(sum((v - m) ** 2 for v in values) / n)
+    return m, 1.96 * std / math.sqrt(n)
+
+
+def _save(fig: Any, out_png: str | Path) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["compare_curves", "learning_curves", "mean_ci", "read_metrics", "sinusoid_fits"]

@@ -1,0 +1,101 @@
+"""State layout and memory, factoring rules, clipping options, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaopt import optim
+from metaopt.optim import SGD, Adafactor, InnerOptimizer
+
+
+def _numel(state) -> int:
+    return sum(t.numel() for t in torch.utils._pytree.tree_leaves(state))
+
+
+def test_factored_state_is_n_plus_m():
+    params = {"w": torch.zeros(1024, 1024)}
+    factored, full = Adafactor().init(params), Adafactor(factored=False).init(params)
+    assert factored.row["w"].shape == (1024, 1) and factored.col["w"].shape == (1, 1024)
+    assert _numel(factored) == 1024 + 1024 + 1  # + the step counter
+    assert _numel(full) == 1024 * 1024 + 1
+
+
+def test_conv_factors_last_two_dims_like_torch():
+    state = Adafactor().init({"conv": torch.zeros(64, 32, 3, 3)})
+    assert state.row["conv"].shape == (64, 32, 3, 1)
+    assert state.col["conv"].shape == (64, 32, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "shape, min_size, expected",
+    [
+        ((64, 32, 3, 3), 8, (0, 1)),  # the two largest dims, not the last two
+        ((64, 32, 3, 3), 128, None),  # both must be >= min_dim_size_to_factor
+        ((3, 256, 512), 128, (1, 2)),
+        ((512, 8), 8, (0, 1)),
+        ((512, 8), 128, None),
+        ((256, 256), 128, (0, 1)),
+        ((300,), 1, None),  # vectors are never factored
+    ],
+)
+def test_optax_factoring_rule(shape, min_size, expected):
+    assert Adafactor(min_dim_size_to_factor=min_size).factored_dims(torch.Size(shape)) == expected
+
+
+def test_reference_factoring_rule():
+    opt = Adafactor()
+    assert opt.factored_dims(torch.Size((64, 32, 3, 3))) == (2, 3)
+    assert opt.factored_dims(torch.Size((1, 40))) == (0, 1)
+    assert opt.factored_dims(torch.Size((40,))) is None
+    assert Adafactor(factored=False).factored_dims(torch.Size((64, 32))) is None
+
+
+def test_optax_rule_runs_and_keeps_shapes():
+    opt = Adafactor(min_dim_size_to_factor=4)
+    p = {"conv": torch.randn(8, 6, 3, 3)}
+    state = opt.init(p)
+    assert state.row["conv"].shape == (8, 1, 3, 3) and state.col["conv"].shape == (1, 6, 3, 3)
+    new, state = opt.step(p, {"conv": torch.randn(8, 6, 3, 3)}, state)
+    assert new["conv"].shape == (8, 6, 3, 3) and torch.isfinite(new["conv"]).all()
+
+
+def test_grad_clip_value_and_norm():
+    p = {"a": torch.zeros(4), "b": torch.zeros(3)}
+    g = {"a": torch.tensor([10.0, -10.0, 0.5, 0.0]), "b": torch.full((3,), 3.0)}
+    by_value = Adafactor(grad_clip_value=1.0)._clip_grads(g)
+    torch.testing.assert_close(by_value["a"], torch.tensor([1.0, -1.0, 0.5, 0.0]))
+    by_norm = Adafactor(grad_clip_norm=1.0)._clip_grads(g)
+    total = torch.sqrt(sum((v**2).sum() for v in by_norm.values()))
+    torch.testing.assert_close(total, torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    small = {"a": torch.full((4,), 0.01), "b": torch.zeros(3)}
+    torch.testing.assert_close(Adafactor(grad_clip_norm=1.0)._clip_grads(small)["a"], small["a"])
+
+
+def test_sgd_momentum_state_layout():
+    p = {"w": torch.zeros(2, 3)}
+    assert SGD(lr=0.1).init(p).momentum_buffer == {}
+    assert SGD(lr=0.1, momentum=0.9).init(p).momentum_buffer["w"].shape == (2, 3)
+
+
+def test_registry_builds_every_name():
+    expected = {"sgd", "adafactor", "adafactor_hf", "adafactor_transformers", "adafactor_paper"}
+    assert expected <= set(optim.names())
+    for name in optim.names():
+        opt = optim.get(name, lr=0.1) if name == "sgd" else optim.get(name)
+        assert isinstance(opt, InnerOptimizer)
+    assert optim.get("adafactor_hf", lr=0.1, relative_step=False).flavour == "transformers"
+    assert optim.get("ADAFACTOR").flavour == "torch"
+
+
+def test_registry_unknown_name_lists_known():
+    with pytest.raises(ValueError, match=r"'adam'.*adafactor.*sgd"):
+        optim.get("adam", lr=0.1)
+    with pytest.raises(ValueError, match="momentun"):
+        optim.get("sgd", lr=0.1, momentun=0.9)
+
+
+def test_public_names():
+    for name in optim.__all__:
+        assert hasattr(optim, name)
+    assert callable(Adafactor.from_transformers) and callable(Adafactor.paper)
