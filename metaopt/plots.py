@@ -43,15 +43,27 @@ def _series(cols: Mapping[str, list[float]], key: str) -> tuple[list[float], lis
     return xs, ys
 
 
+def _smooth(ys: Sequence[float], w: int) -> list[float]:
+    """Trailing moving average over ``w`` points (``w = 1``: unchanged)."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= w:
+            acc -= ys[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
 def learning_curves(metrics_csv: str | Path, out_png: str | Path, *, title: str = "", metric: str = "") -> Path:
     """Two panels: training meta-loss (before/after adaptation) and the validation metric."""
     cols = read_metrics(metrics_csv)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    for key, label in (("loss_before", "before adaptation"), ("loss_after", "after adaptation (meta-loss)")):
+    for key, label in (("loss_before", "before adaptation"), ("meta_loss", "after adaptation (meta-loss)")):
         xs, ys = _series(cols, key)
         if xs:
-            ax.plot(xs, ys, label=label, lw=1)
+            w = max(1, len(ys) // 50)
+            ax.plot(xs, _smooth(ys, w), label=label + (f", mean of {w}" if w > 1 else ""), lw=1)
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("query loss (train tasks)")
     if any(y > 0 for y in cols.get("loss_before", []) if not math.isnan(y)):
@@ -62,7 +74,7 @@ def learning_curves(metrics_csv: str | Path, out_png: str | Path, *, title: str 
     xs, ys = _series(cols, "val_metric")
     _, cis = _series(cols, "val_ci95")
     if xs:
-        ax.plot(xs, ys, marker="o", ms=3, label="after adaptation")
+        ax.plot(xs, ys, marker="o", ms=3, label="after adaptation (eval steps)")
         if len(cis) == len(ys):
             ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.25)
         bx, by = _series(cols, "val_before")

@@ -421,7 +421,7 @@ class Adafactor:
                 scalars[dtype] = self._step_scalars(state.count, dtype)
             w, _ = scalars[dtype]
             e1 = torch.finfo(dtype).eps if eps1 is None else eps1
-            g2 = g * g
+            g2 = torch.square(g)
             if not torch_flavour:
                 g2 = g2 + e1  # transformers: eps1 inside the averages
             if k in state.row:

@@ -133,7 +133,8 @@ class SGD:
             if self.maximize:
                 g = -g
             if self._use_wd:
-                g = g + self.weight_decay * p  # (same shape as p)
+                wd = self.weight_decay  # same op order as torch (float32 parity)
+                g = torch.add(g, p, alpha=wd) if is_number(wd) else g + wd * p
             if self._use_momentum:
                 buf = state.momentum_buffer[k]
                 if self._use_dampening:
@@ -144,7 +145,7 @@ class SGD:
                     buf = torch.addcmul(momentum * buf, g, c)
                 else:
                     # buf starts at zero, so momentum * 0 + g == g exactly on the first step.
-                    buf = torch.add(g, buf, alpha=momentum) if is_number(momentum) else g + momentum * buf
+                    buf = momentum * buf + g  # torch's order: buf.mul_(momentum).add_(g)
                 new_bufs[k] = buf
                 if nesterov:
                     g = torch.add(g, buf, alpha=momentum) if is_number(momentum) else g + momentum * buf

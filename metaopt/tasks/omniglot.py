@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -317,7 +318,7 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
             if obj.get("key") == key_text and images.dtype == torch.uint8 and len(names) == images.shape[0]:
                 info["cache_hit"] = True
                 return names, images, info  # type: ignore[return-value]
-        except (RuntimeError, EOFError, KeyError, ValueError, TypeError, OSError):
+        except (RuntimeError, EOFError, KeyError, ValueError, TypeError, OSError, pickle.UnpicklingError):
             pass  # unreadable or stale cache: rebuild it below and replace the file
     names, ink = (_read_npz if source == "npz" else _read_zips)(root)
     images = _resize(ink, image_size)
@@ -507,8 +508,8 @@ class Omniglot:
         flat = self.images.view(-1, s * s)                              # uint8, ink = 255
         rows = cls[:, :, None] * self.drawings + draw                   # (tasks, ways, K+Q)
         dtype = dtype or self.dtype
-        xs = flat.index_select(0, rows[:, :, :k].reshape(-1)).to(dtype).mul_(1 / 255)
-        xq = flat.index_select(0, rows[:, :, k:].reshape(-1)).to(dtype).mul_(1 / 255)
+        xs = flat.index_select(0, rows[:, :, :k].reshape(-1)).to(dtype).div_(255)
+        xq = flat.index_select(0, rows[:, :, k:].reshape(-1)).to(dtype).div_(255)
         xs = xs.view(t, n * k, 1, s, s)                                 # (tasks, ways*shots, 1, S, S)
         xq = xq.view(t, n * q, 1, s, s)                                 # (tasks, ways*queries, 1, S, S)
         labels = torch.arange(n, device=self.images.device)

@@ -115,3 +115,12 @@ def test_transformers_half_precision_runs_in_float32():
     for k in ref:
         assert ours[k].dtype == torch.bfloat16
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kwargs", SGD_CASES, ids=str)
+def test_sgd_is_bit_exact(kwargs, dtype):
+    # Same operations in the same order as torch.optim.SGD: identical bits, 50 steps.
+    p0, ours, ref = run_pair(SGD(**kwargs), functools.partial(torch.optim.SGD, **kwargs), SHAPES, dtype)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k])

@@ -1,0 +1,270 @@
+"""Measuring: interleaved timing, peak memory, FLOPs.
+
+Peak memory, and why it is measured this way:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` minus the allocated bytes at the start of the
+  measured region (after ``reset_peak_memory_stats``): exact tensor memory, no allocator
+  cache.
+- CPU: the peak resident set size (RSS) of a **fresh process per case** (``--memory
+  subprocess``, the default) minus its RSS just before the first measured meta-iteration.
+  The peak is the kernel's own high-water mark ``VmHWM``, reset to the current RSS through
+  ``/proc/self/clear_refs`` (Linux >= 4.0), so no short spike is missed; where that reset is
+  unavailable, a psutil thread samples RSS every millisecond (may miss spikes shorter than
+  that; the method is reported). A fresh process matters: in a long-lived process the
+  allocator keeps freed pages of earlier cases resident, so a later case can reuse them
+  without raising the high-water mark and would look cheaper than it is. ``--memory
+  inline`` measures in the benchmark process (fast, for smoke tests; under-reports).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+
+from metaopt.bench.impls import Impl
+from metaopt.bench.workloads import Case, Workload, make_batch, make_model
+
+__all__ = ["PeakMemory", "MetaIteration", "build_iteration", "time_interleaved", "count_flops",
+           "memory_in_subprocess", "memory_inline"]
+
+
+# ---------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------
+
+_STATUS = "/proc/self/status"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open(_STATUS) as f:
+            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS; False when not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 1024
+
+
+def _rss_bytes() -> int:
+    rss = _status_kib("VmRSS")
+    if rss is not None:
+        return rss * 1024
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` (peak above the start),
+    ``m.method`` (how it was measured)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._max = 0
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return self
+        self._base = _rss_bytes()
+        if _reset_hwm():
+            self.method = "VmHWM (peak RSS, reset via clear_refs)"
+        else:
+            self.method = "psutil RSS sampled every 1 ms"
+            self._max = self._base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self._max = max(self._max, int(proc.memory_info().rss))
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._max, _rss_bytes())
+        else:
+            peak = (_status_kib("VmHWM") or 0) * 1024
+        self.peak_bytes = max(0, peak - self._base)
+
+
+# ---------------------------------------------------------------------------------------
+# One meta-iteration
+# ---------------------------------------------------------------------------------------
+
+
+class MetaIteration:
+    """``it()``: zero grads, adapt every task + query losses + backward, outer Adam step."""
+
+    def __init__(self, impl: Impl, case: Case, model: torch.nn.Module, batch: Any, device: torch.device) -> None:
+        self.model = copy.deepcopy(model).train()
+        self.meta_backward = impl.build(self.model, case)
+        self.outer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batch = batch
+        self.device = device
+
+    def __call__(self) -> None:
+        self.outer.zero_grad(set_to_none=True)
+        self.meta_backward(self.batch)
+        self.outer.step()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def build_iteration(impl: Impl, case: Case, device: str | torch.device, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> MetaIteration:
+    device = torch.device(device)
+    w = case.workload
+    model = make_model(w, seed=seed, dtype=dtype, device=device)
+    batch = make_batch(w, seed=seed, dtype=dtype, device=device)
+    return MetaIteration(impl, case, model, batch, device)
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+
+
+def time_interleaved(its: dict[str, MetaIteration], repeats: int, warmup: int, iterations: int,
+                     log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
+    """Seconds per meta-iteration for each implementation, one entry per repeat.
+
+    Implementations alternate (A B C A B C ...) so that a slow phase of the machine (another
+    process, thermal state) is shared by all of them instead of landing on one.
+    """
+    for _ in range(warmup):
+        for it in its.values():
+            it()
+            it.sync()
+    times: dict[str, list[float]] = {k: [] for k in its}
+    for r in range(repeats):
+        for k, it in its.items():
+            gc.collect()
+            it.sync()
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                it()
+            it.sync()
+            times[k].append((time.perf_counter() - t0) / iterations)
+        log(f"    repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {1 / v[-1]:.3g}/s" for k, v in times.items()))
+    return times
+
+
+def summarize(seconds: list[float]) -> dict[str, float]:
+    """Median meta-iterations/s and the spread (min..max) over repeats."""
+    rates = [1.0 / s for s in seconds]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------
+
+
+def count_flops(it: MetaIteration) -> int:
+    """FLOPs of one meta-iteration as ``torch.utils.flop_counter`` counts them: matmuls and
+    convolutions, forward and every backward (elementwise ops, including the inner
+    optimizer's, are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        it()
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------
+# Memory of one case
+# ---------------------------------------------------------------------------------------
+
+
+def memory_inline(impl: Impl, case: Case, device: str | torch.device, iterations: int = 1,
+                  seed: int = 0) -> dict[str, Any]:
+    it = build_iteration(impl, case, device, seed)
+    with PeakMemory(device) as m:
+        for _ in range(iterations):
+            it()
+        it.sync()
+    return {"peak_bytes": m.peak_bytes, "method": m.method + " (in the benchmark process)"}
+
+
+def memory_in_subprocess(impl_key: str, case: Case, device: str | torch.device, iterations: int = 1,
+                         seed: int = 0, threads: int | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """Peak memory of ``iterations`` meta-iterations in a fresh Python process."""
+    spec = {
+        "impl": impl_key, "workload": asdict(case.workload), "inner": case.inner, "order": case.order,
+        "device": str(device), "iterations": iterations, "seed": seed,
+        "threads": threads or torch.get_num_threads(),
+    }
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "metaopt.bench._worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"worker exited {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Body of the subprocess: build the case, then measure its meta-iterations."""
+    from metaopt.bench.impls import IMPLS
+
+    torch.set_num_threads(int(spec["threads"]))
+    w = Workload(**spec["workload"])
+    case = Case(w, spec["inner"], spec["order"])
+    impl = IMPLS[spec["impl"]]()
+    reason = impl.unavailable() or impl.unsupported(case)
+    if reason:
+        return {"error": reason}
+    it = build_iteration(impl, case, spec["device"], spec["seed"])
+    gc.collect()
+    with PeakMemory(spec["device"]) as m:
+        for _ in range(int(spec["iterations"])):
+            it()
+        it.sync()
+    return {"peak_bytes": m.peak_bytes, "method": m.method + " (fresh process)"}

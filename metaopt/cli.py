@@ -1,0 +1,228 @@
+"""The ``metaopt`` command (also ``python -m metaopt``).
+
+User errors (bad config, missing data, corrupt checkpoint) print one line
+``metaopt: error: ...`` on stderr and exit with status 2; a non-finite loss exits with 1,
+Ctrl-C with 130 (after saving a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EPILOG = """\
+examples:
+  metaopt train configs/sinusoid.yaml                       # a few minutes on a laptop CPU
+  metaopt train configs/sinusoid.yaml --set train.iterations=70000 --out runs/sine-paper
+  metaopt train configs/omniglot_5w1s.yaml --device cuda --set inner.name=adafactor
+  metaopt train --resume runs/sine-paper                    # continue from checkpoints/last.pt
+  metaopt train --resume runs/sine --set train.iterations=20000   # extend a finished run
+  metaopt eval runs/sine --tasks 600                        # mean and 95% CI on test tasks
+  metaopt compare configs/sinusoid.yaml --inner sgd,adafactor:lr=0.3 --seeds 3
+  metaopt config configs/omniglot_20w5s.yaml                # print the resolved config
+  metaopt bench --help
+
+run directory: config.yaml, metrics.csv, checkpoints/last.pt, results.json, plots/*.png,
+TensorBoard event files (tensorboard --logdir runs).
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set inner.lr=0.05 (repeatable; values read as YAML)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                   help="overrides train.device (default: the config's, 'auto')")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metaopt",
+        description="Functional MAML with differentiable inner optimizers: train, evaluate, compare, benchmark.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from metaopt import __version__
+
+    parser.add_argument("--version", action="version", version=f"metaopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "train", help="meta-train from a config into a run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Meta-train from CONFIG (YAML: task, model, inner, outer, train sections).",
+        epilog="examples:\n"
+               "  metaopt train configs/sinusoid.yaml\n"
+               "  metaopt train configs/sinusoid.yaml --set train.iterations=70000 --set inner.steps=5\n"
+               "  metaopt train configs/omniglot_5w1s_adafactor.yaml --out runs/o5-af --device cuda\n"
+               "  metaopt train --resume runs/o5-af\n\n"
+               "config keys (section.key  type  default  meaning):\n" + _describe(),
+    )
+    p.add_argument("config", nargs="?", help="config file (not needed with --resume)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a run's last checkpoint on held-out tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  metaopt eval runs/sine\n  metaopt eval runs/o5 --tasks 1000 --split val",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
+
+    p = sub.add_parser(
+        "compare", help="train one config with several inner optimizers and seeds",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  metaopt compare configs/sinusoid.yaml --inner sgd,adafactor --seeds 3\n"
+               "  metaopt compare configs/omniglot_5w1s.yaml --inner sgd,adafactor:lr=0.5 --seeds 2 "
+               "--set train.iterations=5000\n\n"
+               "Each --inner entry is NAME[:key=value...] (inner.* keys for that optimizer).\n"
+               "Writes OUT/<inner>/seed<k>/ run directories, OUT/summary.md, OUT/summary.json and\n"
+               "OUT/plots/compare_*.png. Re-running the same command reuses finished runs.",
+    )
+    p.add_argument("config")
+    p.add_argument("--inner", required=True, help="comma-separated inner optimizers, e.g. sgd,adafactor")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per inner optimizer (default 3)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare-<config name>-<time>)")
+    _add_common(p)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("bench", help="benchmark the engine (see: metaopt bench --help)", add_help=False)
+    return parser
+
+
+def _describe() -> str:
+    from metaopt.config import describe
+
+    return describe()
+
+
+def _default_out(config: str | None, prefix: str = "") -> Path:
+    stem = Path(config).stem if config else "run"
+    return Path("runs") / f"{prefix}{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _bench(argv: Sequence[str]) -> int:
+    try:
+        import metaopt.bench as bench
+    except ModuleNotFoundError as e:
+        if e.name in ("metaopt.bench",):
+            print("metaopt: error: the benchmark module (metaopt.bench) is not available in this installation",
+                  file=sys.stderr)
+            return 2
+        raise
+    if not (hasattr(bench, "add_arguments") and hasattr(bench, "run")):
+        print("metaopt: error: metaopt.bench does not provide add_arguments()/run() yet", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="metaopt bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Benchmark the MAML engine on the fixed workloads (S1, S5, O1, O5).")
+    bench.add_arguments(parser)
+    return int(bench.run(parser.parse_args(list(argv))) or 0)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from metaopt import train as T
+    from metaopt.config import ConfigError
+
+    progress = ["train.progress=false"] if args.quiet else []
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("--out and --resume name different run directories; give only --resume RUN_DIR")
+        trainer = T.make_resumed_trainer(args.resume, overrides=args.overrides + progress, device=args.device,
+                                         config=args.config)
+        print(f"resuming {args.resume} at iteration {trainer.iteration}", file=sys.stderr)
+    else:
+        if not args.config:
+            raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR)")
+        out = Path(args.out) if args.out else _default_out(args.config)
+        if (out / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+        trainer = T.Trainer(args.config, out, overrides=args.overrides + progress, device=args.device)
+        print(f"run directory: {out}", file=sys.stderr)
+    results = trainer.fit()
+    _print_results(results, trainer.run_dir)
+    return 0
+
+
+def _print_results(results: dict, run_dir: Path | None) -> None:
+    from metaopt.train import _fmt_metric
+
+    if results.get("mean") is not None:
+        print(f"test {results['metric']}: {_fmt_metric(results['metric'], results['mean'], results['ci95'])} "
+              f"({results['tasks']} tasks, {results.get('inner_steps')} inner steps; before adaptation "
+              f"{_fmt_metric(results['metric'], results['before']['mean'])}) at iteration {results['iteration']}")
+    if run_dir is not None:
+        print(f"results: {run_dir / 'results.json'}  plots: {run_dir / 'plots'}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from metaopt.config import ConfigError
+    from metaopt.train import evaluate_run
+
+    if args.tasks < 1:
+        raise ConfigError(f"--tasks must be >= 1, got {args.tasks}")
+    results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, device=args.device)
+    _print_results(results, None)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from metaopt.train import compare
+
+    out = Path(args.out) if args.out else _default_out(args.config, "compare-")
+    overrides = args.overrides + (["train.progress=false"] if args.quiet else [])
+    summary = compare(args.config, args.inner, args.seeds, out, overrides=overrides, device=args.device,
+                      log=lambda m: print(m, file=sys.stderr))
+    print((out / "summary.md").read_text(), end="")
+    print(f"summary: {out / 'summary.md'}  plots: {out / 'plots'}")
+    del summary
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from metaopt import config
+
+    print(config.dump(config.load(args.config, args.overrides)), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metaopt`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    from metaopt.config import ConfigError
+    from metaopt.train import CheckpointError, NonFiniteLossError, TrainingInterrupted
+
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "config": _cmd_config}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"metaopt: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"metaopt: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        where = f" --resume {e.checkpoint.parent.parent}" if e.checkpoint is not None else ""
+        print(f"metaopt: {e}; continue with: metaopt train{where}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("metaopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
