@@ -145,10 +145,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR)")
+        from metaopt import config
+
+        cfg = config.load(args.config, args.overrides + progress)  # config errors first
         out = Path(args.out) if args.out else _default_out(args.config)
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-        trainer = T.Trainer(args.config, out, overrides=args.overrides + progress, device=args.device)
+        trainer = T.Trainer(cfg, out, device=args.device)
         print(f"run directory: {out}", file=sys.stderr)
     results = trainer.fit()
     _print_results(results, trainer.run_dir)

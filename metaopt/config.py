@@ -93,7 +93,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                       help="adafactor implementation: torch.optim.Adafactor or transformers'"),
     },
     "train": {
-        "iterations": Field("int", 3000, min=0, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
+        "iterations": Field("int", 5000, min=0, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
         "meta_batch_size": Field("int", 25, min=1, help="tasks per meta-iteration"),
         "seed": Field("int", 0, help="seed of model init and of every task generator"),
         "eval_every": Field("int", 500, min=0, help="validate every N iterations (0: never)"),
@@ -332,6 +332,13 @@ def _check_inner(inner: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'inner.name': unknown inner optimizer {name!r}; known: {', '.join(optim.names())}")
     factory = optim.registry._REGISTRY[name.lower()]
     _check_extra("inner", inner, _INNER_OWN, factory, f"inner optimizer {name!r}")
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inner.items() if k not in _INNER_OWN}
+    if inner["lr"] is not None:
+        kwargs["lr"] = inner["lr"]
+    try:  # the constructor validates the hyperparameters (negative momentum, ...)
+        optim.get(name, **kwargs)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise ConfigError(f"config section 'inner' ({name}): {e}") from None
 
 
 def _check_outer(outer: dict[str, Any]) -> None:
@@ -340,13 +347,19 @@ def _check_outer(outer: dict[str, Any]) -> None:
     try:
         factory = outer_mod.optimizer_class(outer["name"], outer["impl"])
     except ValueError as e:
-        raise ConfigError(f"config key 'outer.name': {e}") from None
+        raise ConfigError(f"config section 'outer': {e}") from None
     _check_extra("outer", outer, _OUTER_OWN, factory, f"outer optimizer {outer['name']!r} ({outer['impl']})")
     if outer["lr"] is None and not (outer["name"] == "adafactor" and outer["impl"] == "transformers"):
         raise ConfigError(
             "config key 'outer.lr': must not be null (only transformers' Adafactor has a relative-step mode "
             "without a learning rate)"
         )
+    import torch
+
+    try:  # the constructor validates the hyperparameters (betas, eps, weight_decay, ...)
+        outer_mod.build_outer_optimizer(outer, [torch.nn.Parameter(torch.zeros(2, 2))])
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise ConfigError(f"config section 'outer' ({outer['name']}, {outer['impl']}): {e}") from None
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1059,15 +1059,97 @@ __all__ = [
     "StepStats",
     "Trainer",
     "TrainingInterrupted",
+    "PAPER_SETTINGS",
     "compare",
     "evaluate",
     "evaluate_run",
     "load_checkpoint",
     "mean_ci95",
     "meta_step",
+    "reproduce",
+    "reproduction_markdown",
     "resume",
     "sample_batch",
     "save_checkpoint",
     "task_chunks",
     "train",
+    "write_report",
 ]
+
+
+# ============================================================================ paper reproduction
+
+#: The MAML paper's settings (configs/*.yaml) and its reported test accuracy (Finn et al.
+#: 2017, Table 1: mean ± 95% CI over 600 tasks); sinusoid results are reported as a figure only.
+PAPER_SETTINGS: dict[str, tuple[str, str | None]] = {
+    "sinusoid_5shot": ("sinusoid_5shot.yaml", None),
+    "sinusoid_10shot": ("sinusoid_10shot.yaml", None),
+    "omniglot_5w1s": ("omniglot_5w1s.yaml", "98.7 ± 0.4%"),
+    "omniglot_5w5s": ("omniglot_5w5s.yaml", "99.9 ± 0.1%"),
+    "omniglot_20w1s": ("omniglot_20w1s.yaml", "95.8 ± 0.3%"),
+    "omniglot_20w5s": ("omniglot_20w5s.yaml", "98.9 ± 0.2%"),
+}
+
+
+def reproduce(
+    settings: Sequence[str],
+    runs_dir: str | Path,
+    *,
+    configs_dir: str | Path = "configs",
+    overrides: Sequence[str] = (),
+    inner: str | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Train and test each paper setting (``PAPER_SETTINGS`` keys) into ``runs_dir/<setting>``.
+
+    A finished run (``results.json`` present) is reused and an interrupted one resumed.
+    ``inner`` swaps the inner optimizer (e.g. ``"adafactor"``; its ``*_adafactor.yaml`` config).
+    Returns one row per setting with the test metric and the paper's number.
+    """
+    unknown = [s for s in settings if s not in PAPER_SETTINGS]
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(PAPER_SETTINGS)}")
+    rows = []
+    for name in settings:
+        file, paper = PAPER_SETTINGS[name]
+        if inner:
+            file = file.replace(".yaml", f"_{inner}.yaml")
+        path = Path(configs_dir) / file
+        cfg = config_mod.load(path, list(overrides))
+        run_dir = Path(runs_dir) / (name + (f"_{inner}" if inner else ""))
+        if (run_dir / "results.json").is_file():
+            res = json.loads((run_dir / "results.json").read_text())
+        elif (run_dir / "checkpoints" / "last.pt").is_file():
+            res = make_resumed_trainer(run_dir, overrides=[o for o in overrides if o.split("=")[0] in RESUMABLE_KEYS],
+                                       device=device).fit()
+        else:
+            if log:
+                log(f"[reproduce] {name} ({path}) -> {run_dir}")
+            res = Trainer(cfg, run_dir, device=device).fit()
+        rows.append({"setting": name, "config": str(path), "run_dir": str(run_dir), "paper": paper,
+                     "inner": cfg["inner"]["name"], **res})
+    return rows
+
+
+def reproduction_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table: setting, iterations, test metric ± 95% CI (tasks), paper."""
+    lines = ["| setting | inner | iterations | test metric (mean ± 95% CI) | before adaptation | tasks | MAML paper |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        metric = r.get("metric", "")
+        before = r.get("before") or {}
+        lines.append(
+            f"| {r['setting']} | {r.get('inner')} | {r.get('iteration')} | {metric} {_fmt_metric(metric, r.get('mean'), r.get('ci95'))} | "
+            f"{_fmt_metric(metric, before.get('mean'))} | {r.get('tasks')} | {r.get('paper') or 'figure only'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results_dir: str | Path, name: str, data: Any, markdown: str) -> tuple[Path, Path]:
+    """Write ``results_dir/name.json`` and ``results_dir/name.md``."""
+    results_dir = Path(results_dir)
+    j = write_json(results_dir / f"{name}.json", data)
+    m = results_dir / f"{name}.md"
+    m.write_text(markdown)
+    return j, m

@@ -274,7 +274,7 @@ def _resize(ink: np.ndarray, size: int) -> Tensor:
     for i in range(n):
         gray = ink[i].astype(np.uint8) * 255  # (drawings, H, W)
         for j in range(d):
-            img = Image.fromarray(gray[j], mode="L")
+            img = Image.fromarray(gray[j])  # uint8 2-D: mode "L"
             out[i, j] = np.asarray(img if (h, w) == (size, size) else img.resize((size, size), Image.LANCZOS))
     return torch.from_numpy(out)
 
@@ -284,6 +284,7 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
     """Find, check, resize (or load the cached resize of) the whole dataset."""
     has_npz = all((root / f"{s}.npz").is_file() for s in SETS)
     has_zip = all((root / f"{s}.zip").is_file() for s in SETS)
+    requested = source
     if source == "auto":
         source = "npz" if has_npz else "zip" if has_zip or download else "none"
     if source == "zip" and not has_zip and download:
@@ -298,7 +299,7 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
         has_zip = True
     if source == "none" or (source == "npz" and not has_npz) or (source == "zip" and not has_zip):
         raise FileNotFoundError(
-            f"Omniglot data not found in {root} (source={source!r}): looked for "
+            f"Omniglot data not found in {root} (source={requested!r}): looked for "
             f"images_background.npz + images_evaluation.npz (the NumPy copy, with index.json) and "
             f"images_background.zip + images_evaluation.zip (the official zips). Pass root= the "
             f"folder that holds them (e.g. the shared NumPy copy ../shared/data/omniglot), set "

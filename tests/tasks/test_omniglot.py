@@ -17,18 +17,27 @@ from metaopt.tasks import omniglot as omniglot_module
 SPLIT_SIZES = {"train": 1028, "val": 172, "test": 423}
 
 
-def npz_row(root: Path, character: tuple[str, str, str]) -> np.ndarray:
-    """The 20 drawings of ``character`` from the npz via index.json, ink = True (105x105)."""
-    s, alphabet, char = character
-    block = next(b for b in json.loads((root / "index.json").read_text())[s] if b["alphabet"] == alphabet)
-    row = block["first_index"] + int(char[len("character"):]) - 1
-    return ~np.load(root / f"{s}.npz")["images"][row]
+@pytest.fixture(scope="module")
+def npz_row(omniglot_root: Path):
+    """``npz_row(character)``: its 20 drawings from the npz row that index.json names,
+    ink = True (105x105). Each npz file is read once per module."""
+    index = json.loads((omniglot_root / "index.json").read_text())
+    arrays: dict[str, np.ndarray] = {}
+
+    def row(character: tuple[str, str, str]) -> np.ndarray:
+        s, alphabet, char = character
+        if s not in arrays:
+            arrays[s] = np.load(omniglot_root / f"{s}.npz")["images"]
+        block = next(b for b in index[s] if b["alphabet"] == alphabet)
+        return ~arrays[s][block["first_index"] + int(char[len("character"):]) - 1]
+
+    return row
 
 
 def lanczos28(ink: np.ndarray) -> torch.Tensor:
     """What the loader promises: 8-bit ink = 255, PIL LANCZOS to 28x28."""
     return torch.from_numpy(np.stack([
-        np.asarray(Image.fromarray(d.astype(np.uint8) * 255, mode="L").resize((28, 28), Image.LANCZOS))
+        np.asarray(Image.fromarray(d.astype(np.uint8) * 255).resize((28, 28), Image.LANCZOS))
         for d in ink
     ]))
 
@@ -75,10 +84,10 @@ def test_named_characters_land_in_the_right_split(omniglot_splits):
     ("val", ("images_background", "Armenian", "character01")),           # bg row 26
     ("test", ("images_evaluation", "Syriac_(Serto)", "character23")),    # eval row 537
 ])
-def test_named_character_image_is_the_resized_npz_row(omniglot_root, omniglot_splits, split, character):
+def test_named_character_image_is_the_resized_npz_row(npz_row, omniglot_splits, split, character):
     data = omniglot_splits[split]
     got = data.images[data.class_index(character, 0)].cpu()
-    assert torch.equal(got, lanczos28(npz_row(omniglot_root, character)))
+    assert torch.equal(got, lanczos28(npz_row(character)))
 
 
 def test_resize_is_antialiased(omniglot_splits):
