@@ -70,11 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="evaluate a run's last checkpoint on held-out tasks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  metaopt eval runs/sine\n  metaopt eval runs/o5 --tasks 1000 --split val",
+        epilog="examples:\n  metaopt eval runs/sine\n  metaopt eval runs/sine --steps 1     # after one inner step\n"
+               "  metaopt eval runs/o5 --tasks 1000 --split val",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
     p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--steps", type=int, default=None,
+                   help="inner steps at test time (default: inner.eval_steps; writes results_<split>_<N>steps.json)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
 
     p = sub.add_parser(
@@ -125,21 +128,27 @@ def _bench(argv: Sequence[str]) -> int:
     if not (hasattr(bench, "add_arguments") and hasattr(bench, "run")):
         print("metaopt: error: metaopt.bench does not provide add_arguments()/run() yet", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="metaopt bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description="Benchmark the MAML engine on the fixed workloads (S1, S5, O1, O5).")
+    parser = argparse.ArgumentParser(
+        prog="metaopt bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark the MAML engine on the fixed workloads (S1, S5, O1, O5).",
+        epilog="examples:\n"
+               "  metaopt bench --tiny --workloads S1 --memory off          # smoke run, seconds\n"
+               "  metaopt bench --workloads S1 S5 --inner sgd adafactor --output results/bench_cpu\n"
+               "  metaopt bench --device cuda --output results/bench_cuda",
+    )
     bench.add_arguments(parser)
     return int(bench.run(parser.parse_args(list(argv))) or 0)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from metaopt import train as T
     from metaopt.config import ConfigError
+    from metaopt.train import Trainer, make_resumed_trainer
 
     progress = ["train.progress=false"] if args.quiet else []
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("--out and --resume name different run directories; give only --resume RUN_DIR")
-        trainer = T.make_resumed_trainer(args.resume, overrides=args.overrides + progress, device=args.device,
+        trainer = make_resumed_trainer(args.resume, overrides=args.overrides + progress, device=args.device,
                                          config=args.config)
         print(f"resuming {args.resume} at iteration {trainer.iteration}", file=sys.stderr)
     else:
@@ -151,7 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else _default_out(args.config)
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-        trainer = T.Trainer(cfg, out, device=args.device)
+        trainer = Trainer(cfg, out, device=args.device)
         print(f"run directory: {out}", file=sys.stderr)
     results = trainer.fit()
     _print_results(results, trainer.run_dir)
@@ -175,7 +184,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.tasks < 1:
         raise ConfigError(f"--tasks must be >= 1, got {args.tasks}")
-    results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, device=args.device)
+    results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, steps=args.steps, device=args.device)
     _print_results(results, None)
     return 0
 

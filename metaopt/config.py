@@ -68,7 +68,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "queries": Field("int", 10, min=1, help="query examples per class (per task for sinusoid)"),
         "ways": Field("int", None, nullable=True, min=1, help="classes per task (omniglot)"),
         "root": Field("str", None, nullable=True,
-                      help="Omniglot folder; null: $METAOPT_OMNIGLOT or ../shared/data/omniglot"),
+                      help="Omniglot folder (ignored by sinusoid); null: $METAOPT_OMNIGLOT or ../shared/data/omniglot"),
     },
     "model": {
         "name": Field("str", "auto", choices=("auto", "mlp", "conv4"),
@@ -95,7 +95,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "train": {
         "iterations": Field("int", 5000, min=0, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
         "meta_batch_size": Field("int", 25, min=1, help="tasks per meta-iteration"),
-        "seed": Field("int", 0, help="seed of model init and of every task generator"),
+        "seed": Field("int", 0, help="seed of the model init and of the training tasks (held-out tasks are fixed)"),
         "eval_every": Field("int", 500, min=0, help="validate every N iterations (0: never)"),
         "eval_tasks": Field("int", 100, min=1, help="held-out tasks per validation"),
         "test_tasks": Field("int", 600, min=1, help="tasks in the final test (mean and 95% CI)"),
@@ -281,10 +281,8 @@ def _check_task(cfg: Config) -> None:
     name = task["name"]
     if name not in TASKS:
         raise ConfigError(f"config key 'task.name': unknown task {name!r}; known: {', '.join(TASKS)}")
-    if name == "sinusoid":
-        for key in ("ways", "root"):
-            if task[key] is not None:
-                raise ConfigError(f"config key 'task.{key}' is not used by task 'sinusoid' (set it to null)")
+    if name == "sinusoid" and task["ways"] is not None:  # (task.root is ignored: harmless in shared overrides)
+        raise ConfigError("config key 'task.ways' is not used by task 'sinusoid' (set it to null)")
     if name == "omniglot" and task["ways"] is None:
         raise ConfigError("config key 'task.ways' is required for task 'omniglot' (e.g. 5 or 20)")
     if task["ways"] is not None and task["ways"] < 2:

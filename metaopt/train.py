@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -620,7 +619,7 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not match this run's model/optimizer: {str(e).splitlines()[0]}") from None
         rng = state["rng"]
-        self.generator.set_state(rng["tasks"].to("cpu") if self.generator.device.type == "cpu" else rng["tasks"].cpu())
+        self.generator.set_state(rng["tasks"].cpu())  # generator states are CPU byte tensors
         torch.set_rng_state(rng["torch_cpu"].cpu())
         if rng.get("cuda") and torch.cuda.is_available():
             with contextlib.suppress(RuntimeError):
@@ -889,21 +888,29 @@ def _check_same(a: Config, b: Config, what: str) -> None:
 
 
 def evaluate_run(run_dir: str | Path, *, tasks: int | None = None, split: str = "test",
-                 device: str | None = None, write: bool = True) -> dict[str, Any]:
+                 steps: int | None = None, device: str | None = None, write: bool = True) -> dict[str, Any]:
     """Load ``run_dir``'s last checkpoint and evaluate it on ``tasks`` held-out tasks.
 
-    Writes ``results.json`` (for ``split="test"``) and returns the results.
+    ``steps`` overrides the inner steps (default ``inner.eval_steps``). Writes
+    ``results.json`` (test split, default steps), else ``results_<split>[_<N>steps].json``,
+    and returns the results.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     trainer = Trainer(cfg_path, run_dir, device=device, resume=True)
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"--steps must be an int >= 0, got {steps!r}")
+        trainer.maml.eval_inner_steps = steps
     res = trainer.evaluate(split, tasks)
     assert res is not None
     out = {**res.to_json(), "iteration": trainer.iteration}
     if write:
-        write_json(run_dir / ("results.json" if split == "test" else f"results_{split}.json"), out)
+        name = "results" if split == "test" and steps is None else f"results_{split}"
+        name += f"_{steps}steps" if steps is not None else ""
+        write_json(run_dir / f"{name}.json", out)
     return out
 
 

@@ -67,6 +67,9 @@ def test_sinusoid_train_then_eval(tmp_path: Path) -> None:
     proc = metaopt("eval", "run", "--tasks", "30", cwd=tmp_path)
     assert "test mse" in proc.stdout
     assert json.loads((run / "results.json").read_text())["tasks"] == 30
+    assert cli.main(["eval", str(run), "--tasks", "10", "--steps", "1"]) == 0
+    one = json.loads((run / "results_test_1steps.json").read_text())
+    assert one["inner_steps"] == 1 and one["tasks"] == 10
     # A second train into the same directory is refused (one line, no traceback).
     again = metaopt("train", str(REPO / "configs/sinusoid.yaml"), "--out", "run", cwd=tmp_path, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr

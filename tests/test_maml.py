@@ -14,7 +14,7 @@ from metaopt.optim import SGD
 from metaopt.optim.learned import MetaSGD, per_parameter_lr
 from metaopt.tasks.base import TaskBatch
 
-from test_maml_helpers import (
+from test_maml_helpers import (  # noqa: F401  (one_thread is a fixture)
     DT,
     INNER,
     fd_relative_errors,
@@ -22,6 +22,7 @@ from test_maml_helpers import (
     max_abs_diff,
     meta_grads,
     mlp_class_batch,
+    one_thread,
     model_and_batch,
     regression_batch,
     tiny_conv,
@@ -30,6 +31,7 @@ from test_maml_helpers import (
 )
 
 FD_TOL = 1e-6
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- purity
@@ -91,7 +93,7 @@ def test_inner_loop_uses_batch_statistics_whatever_the_mode() -> None:
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_second_order_meta_gradient_matches_finite_differences(kind: str, steps: int, inner: str) -> None:
-    model, batch, loss_fn = model_and_batch(kind)
+    model, batch, loss_fn = model_and_batch(kind, seed=1)
     maml = MAML(model, INNER[inner](), inner_steps=steps, loss_fn=loss_fn, vectorize=False)
     errors = fd_relative_errors(maml, batch)
     assert max(errors) <= FD_TOL, errors
@@ -99,7 +101,7 @@ def test_second_order_meta_gradient_matches_finite_differences(kind: str, steps:
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_torch_batchnorm_net_meta_gradient_matches_finite_differences(steps: int) -> None:
-    model, batch, loss_fn = model_and_batch("torchbn")
+    model, batch, loss_fn = model_and_batch("torchbn", seed=1)
     maml = MAML(model, SGD(lr=0.1, momentum=0.9), inner_steps=steps, loss_fn=loss_fn)
     assert max(fd_relative_errors(maml, batch)) <= FD_TOL
 
@@ -191,7 +193,7 @@ def test_first_order_builds_no_second_order_graph(vectorize: bool) -> None:
     ],
 )
 def test_learnable_inner_lr_gets_meta_gradient_equal_to_finite_differences(make) -> None:
-    model, batch, loss_fn = model_and_batch("mlp")
+    model, batch, loss_fn = model_and_batch("mlp", seed=1)
     maml = MAML(model, make(model), inner_steps=3, loss_fn=loss_fn, vectorize=False)
     hp = list(maml.inner_hparams.parameters())
     assert hp and all(isinstance(p, nn.Parameter) for p in hp)
@@ -308,12 +310,12 @@ def test_outer_loop_with_torch_adafactor_reduces_loss() -> None:
     model, batch, loss_fn = model_and_batch("mlp")
     maml = MAML(model, INNER["adafactor"](), inner_steps=1, loss_fn=loss_fn)
     outer = torch.optim.Adafactor(maml.parameters(), lr=1e-2)
-    first = float(maml.meta_loss(batch).loss)
+    first = float(maml.meta_loss(batch, train=False).loss)
     for _ in range(20):
         outer.zero_grad()
         maml.meta_loss(batch).loss.backward()
         outer.step()
-    assert float(maml.meta_loss(batch).loss) < first
+    assert float(maml.meta_loss(batch, train=False).loss) < first
 
 
 def test_default_vectorize_rule() -> None:

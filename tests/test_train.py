@@ -7,12 +7,17 @@ import csv
 import math
 from pathlib import Path
 
+import importlib
+
 import pytest
 import torch
 
-import metaopt.train as T
 from metaopt.tasks import Sinusoid, TaskBatch
-from metaopt.train import CheckpointError, NonFiniteLossError, Trainer, load_checkpoint
+
+# The module (a package-level name `train` may be the function, not the module).
+T = importlib.import_module("metaopt.train")
+CheckpointError, NonFiniteLossError, Trainer, load_checkpoint = (
+    T.CheckpointError, T.NonFiniteLossError, T.Trainer, T.load_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--memory-iterations", type=int, default=1,
                         help="meta-iterations in each memory measurement (default: 1)")
     parser.add_argument("--no-memory-report", dest="memory_report", action="store_false",
-                        help="skip the inner-optimizer memory report (S5/O5 peak memory, state sizes)")
+                        help="skip the inner-optimizer memory report (S5/O5 peak memory, state sizes); "
+                             "--memory off skips its peak-memory part")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the float64 meta-gradient check against the plain loop")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
@@ -221,9 +222,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.memory_report:
         res["state_sizes"] = state_sizes()
-        mode = "inline" if args.memory == "inline" else "subprocess"
-        res["memory_report"] = peak_memory_report(str(device), mode, args.tiny, torch.get_num_threads(),
-                                                  log=log)
+        if args.memory != "off":
+            res["memory_report"] = peak_memory_report(str(device), args.memory, args.tiny, torch.get_num_threads(),
+                                                      log=log)
     res["targets"] = targets(res)
     res["meta"]["seconds"] = round(time.time() - t_start, 1)
     md = to_markdown(res)

@@ -6,14 +6,22 @@ Peak memory, and why it is measured this way:
   measured region (after ``reset_peak_memory_stats``): exact tensor memory, no allocator
   cache.
 - CPU: the peak resident set size (RSS) of a **fresh process per case** (``--memory
-  subprocess``, the default) minus its RSS just before the first measured meta-iteration.
+  subprocess``, the default) minus its RSS just before the measured meta-iteration(s).
   The peak is the kernel's own high-water mark ``VmHWM``, reset to the current RSS through
   ``/proc/self/clear_refs`` (Linux >= 4.0), so no short spike is missed; where that reset is
   unavailable, a psutil thread samples RSS every millisecond (may miss spikes shorter than
-  that; the method is reported). A fresh process matters: in a long-lived process the
-  allocator keeps freed pages of earlier cases resident, so a later case can reuse them
-  without raising the high-water mark and would look cheaper than it is. ``--memory
-  inline`` measures in the benchmark process (fast, for smoke tests; under-reports).
+  that; the method is reported).
+
+  Three things would otherwise distort an RSS delta, and are removed: (1) code pages of
+  torch's libraries faulted in on the first call of each kernel: one untimed meta-iteration
+  runs before the measurement; (2) glibc's heap keeping freed memory resident, so that the
+  measured iteration reuses the warm-up's pages without raising the mark: allocations of
+  64 KiB and more are made with ``mmap`` and returned to the kernel on free
+  (``mallopt(M_MMAP_THRESHOLD, 65536)``, ``M_TRIM_THRESHOLD`` 0), which every tensor that
+  matters is; (3) earlier cases' leftovers: each case runs in a fresh process. What remains
+  is the memory one meta-iteration adds on top of the model, the data and the outer
+  optimizer's state. ``--memory inline`` measures in the benchmark process (fast, for smoke
+  tests; earlier cases' freed pages may be reused, so it can under-report).
 """
 
 from __future__ import annotations
@@ -65,6 +73,22 @@ def _reset_hwm() -> bool:
         return False
     hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + 1024
+
+
+def release_freed_memory() -> bool:
+    """glibc: return freed blocks of 64 KiB or more to the kernel at once (see module doc).
+    False where the C library has no ``mallopt`` (then the method says so)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 65536) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
 
 
 def _rss_bytes() -> int:
@@ -222,12 +246,25 @@ def count_flops(it: MetaIteration) -> int:
 
 def memory_inline(impl: Impl, case: Case, device: str | torch.device, iterations: int = 1,
                   seed: int = 0) -> dict[str, Any]:
-    it = build_iteration(impl, case, device, seed)
+    # No mallopt here: it would change the allocator for the rest of this process.
+    return _measure(build_iteration(impl, case, device, seed), device, iterations,
+                    "in the benchmark process", trim=False)
+
+
+def _measure(it: MetaIteration, device: str | torch.device, iterations: int, where: str,
+             trim: bool = True) -> dict[str, Any]:
+    """Warm-up meta-iteration, then the peak of ``iterations`` more above the memory before."""
+    trimmed = torch.device(device).type != "cpu" or (trim and release_freed_memory())
+    it()  # faults in code pages, creates the outer optimizer's state; not measured
+    it.sync()
     with PeakMemory(device) as m:
         for _ in range(iterations):
             it()
         it.sync()
-    return {"peak_bytes": m.peak_bytes, "method": m.method + " (in the benchmark process)"}
+    how = f"{m.method}, after 1 warm-up meta-iteration, {where}"
+    if not trimmed:
+        how += ", freed heap may be reused (can under-report)"
+    return {"peak_bytes": m.peak_bytes, "method": how}
 
 
 def memory_in_subprocess(impl_key: str, case: Case, device: str | torch.device, iterations: int = 1,
@@ -262,9 +299,4 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if reason:
         return {"error": reason}
     it = build_iteration(impl, case, spec["device"], spec["seed"])
-    gc.collect()
-    with PeakMemory(spec["device"]) as m:
-        for _ in range(int(spec["iterations"])):
-            it()
-        it.sync()
-    return {"peak_bytes": m.peak_bytes, "method": m.method + " (fresh process)"}
+    return _measure(it, spec["device"], int(spec["iterations"]), "fresh process")

@@ -1,0 +1,117 @@
+"""`metaopt bench`: end-to-end smoke run on tiny settings, the meta-gradient guard, the
+memory measurement, and peers that cannot be imported."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import metaopt.bench as bench
+from metaopt.bench.check import check_meta_gradients
+from metaopt.bench.impls import IMPLS, NO_ADAFACTOR, get_impls
+from metaopt.bench.measure import PeakMemory
+from metaopt.bench.memreport import state_sizes
+from metaopt.bench.workloads import WORKLOADS, FunctionalAdam, make_batch, tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_bench_smoke_prints_table_and_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "higher", None)  # a peer that cannot be imported: reported, not skipped
+    code = bench.run(_args("--tiny", "--workloads", "S1", "--inner", "sgd", "adafactor", "--order", "second",
+                           "--repeats", "1", "--warmup", "0", "--memory", "inline", "--quiet",
+                           "--output", str(tmp_path / "bench.md")))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "### S1 · sgd inner · second order" in out and "### S1 · adafactor inner · second order" in out
+    assert "| implementation | meta-it/s | tasks/s | ×peer | GFLOP/s | peak MiB | note |" in out
+    for impl in get_impls():
+        assert f"| {impl.name} |" in out
+    assert "not importable: ImportError" in out  # higher's row says why
+    assert NO_ADAFACTOR in out
+    assert "## Targets" in out and "Adafactor inner time" in out
+    assert "## Inner-optimizer state size" in out and "## Inner-optimizer memory" in out
+    assert (tmp_path / "bench.md").read_text() == out.rstrip("\n") + "\n" or (tmp_path / "bench.md").is_file()
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert [c["inner"] for c in res["cases"]] == ["sgd", "adafactor"]
+    rows = {r["impl"]: r for r in res["cases"][0]["rows"]}
+    assert rows["higher"]["status"] == "unavailable"
+    for key in ("metaopt-vmap", "metaopt-loop", "plain"):
+        assert rows[key]["status"] == "ok" and rows[key]["meta_it_s"]["median"] > 0
+        assert rows[key]["memory"]["peak_bytes"] >= 0
+    assert res["cases"][0]["flops"] > 0
+    assert all(c["ok"] for c in res["check"]) and res["check"]
+    assert {t["status"] for t in res["targets"]} <= {"met", "not met", "not measured"}
+
+
+def test_experiments_script_runs(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("experiments_bench", REPO / "experiments" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--workloads", "O1", "--inner", "sgd", "--order", "first", "--impls", "plain",
+                     "metaopt-loop", "--repeats", "1", "--warmup", "0", "--memory", "off", "--no-check",
+                     "--no-flops", "--no-memory-report", "--quiet"]) == 0
+    assert "### O1 · sgd inner · first order" in capsys.readouterr().out
+
+
+def test_every_peer_computes_the_plain_loops_meta_gradient() -> None:
+    impls = [i for i in get_impls() if i.unavailable() is None]
+    results = check_meta_gradients(impls)
+    bad = [r for r in results if not r.ok]
+    assert not bad, bad
+    checked = {r.impl for r in results}
+    assert {"metaopt-vmap", "metaopt-loop"} <= checked
+    assert {i.key for i in impls if i.key != "plain"} <= checked
+
+
+def test_peak_memory_sees_a_known_allocation() -> None:
+    with PeakMemory("cpu") as m:
+        x = torch.ones(16 * 2**20 // 4)  # 16 MiB
+        del x
+    assert m.peak_bytes >= 15 * 2**20, m.method
+
+
+def test_state_sizes_and_functional_adam() -> None:
+    rows = {(r["model"], r["inner"]): r for r in state_sizes()}
+    mlp = rows[("MLP 1-40-40-1", "adam")]
+    assert mlp["state_elements"] == 2 * mlp["param_elements"] + 1  # m, v and the step counter
+    assert rows[("MLP 1-40-40-1", "adafactor")]["state_elements"] < mlp["param_elements"]
+    # FunctionalAdam's first step is torch.optim.Adam's.
+    p = torch.randn(3, 4, dtype=torch.float64)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    opt = FunctionalAdam(lr=0.1)
+    new, _ = opt.step({"p": p}, {"p": g}, opt.init({"p": p}))
+    ref = p.clone().requires_grad_()
+    torch_opt = torch.optim.Adam([ref], lr=0.1)
+    ref.grad = g.clone()
+    torch_opt.step()
+    torch.testing.assert_close(new["p"], ref.detach())
+
+
+def test_workload_batches_have_the_real_shapes() -> None:
+    b = make_batch(WORKLOADS["O1"])
+    assert b.support[0].shape == (32, 5, 1, 28, 28) and b.query[0].shape == (32, 75, 1, 28, 28)
+    assert b.support[1].dtype == torch.int64 and int(b.query[1].max()) == 4
+    s = make_batch(tiny(WORKLOADS["S5"]))
+    assert s.support[0].shape == (2, 5, 1)
+    torch.testing.assert_close(make_batch(WORKLOADS["S1"]).query[1], make_batch(WORKLOADS["S1"]).query[1])
+
+
+def test_unknown_implementation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown implementation"):
+        get_impls(["nope"])
+    assert set(IMPLS) >= {"metaopt-vmap", "metaopt-loop", "higher", "torchopt", "learn2learn", "plain"}

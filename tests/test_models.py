@@ -1,0 +1,105 @@
+"""Models: shapes, parameter names, and the hand-written BatchNorm against torch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaopt.models import MLP, BatchNorm, Conv4, batch_norm
+
+DT = torch.float64
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (6, 4, 5), (5, 4, 3, 3)])
+def test_hand_written_batch_norm_equals_torch_training_mode(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=g, dtype=DT) * 3 + 1).requires_grad_()
+    w = torch.randn(4, generator=g, dtype=DT).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=DT).requires_grad_()
+    y = batch_norm(x, None, None, w, b, training=True)
+    ref = F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    assert torch.allclose(y, ref, rtol=0, atol=1e-13)
+    # first and second derivatives agree too
+    v = torch.randn(shape, generator=g, dtype=DT)
+    gy = torch.autograd.grad((y * v).sum() ** 2, (x, w, b), create_graph=True)
+    gr = torch.autograd.grad((ref * v).sum() ** 2, (x, w, b), create_graph=True)
+    for a, c in zip(gy, gr):
+        assert torch.allclose(a, c, rtol=1e-11, atol=1e-12)
+    hy = torch.autograd.grad(gy[0].sum() + gy[1].sum(), (x, w))
+    hr = torch.autograd.grad(gr[0].sum() + gr[1].sum(), (x, w))
+    for a, c in zip(hy, hr):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-11)
+    # the module (torch's kernel outside transforms) computes the same
+    bn = BatchNorm(4).to(DT)
+    with torch.no_grad():
+        bn.weight.copy_(w)
+        bn.bias.copy_(b)
+    assert torch.allclose(bn(x), ref, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("hand_written", [False, True])
+def test_batchnorm_running_stats_match_torch(hand_written: bool, monkeypatch) -> None:
+    if hand_written:  # force the elementary-ops path used under vmap
+        monkeypatch.setattr("metaopt.models._functorch_wrapped", lambda t: True)
+    torch.manual_seed(0)
+    ours, ref = BatchNorm(3, track_running_stats=True).to(DT), nn.BatchNorm2d(3).to(DT)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5, dtype=DT) * 2 + 0.5
+        assert torch.allclose(ours(x), ref(x), atol=1e-13)
+    assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-14)
+    assert torch.allclose(ours.running_var, ref.running_var, atol=1e-14)
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 3, 5, 5, dtype=DT)
+    assert torch.allclose(ours(x), ref(x), atol=1e-13)
+    assert not dict(BatchNorm(3).named_buffers())  # default: no running stats, like MAML
+
+
+def test_batchnorm_second_order_under_vmap_is_exact() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 2, 4, 4, generator=g, dtype=DT)
+    bn = BatchNorm(2).to(DT)
+    params = {k: v.detach().clone().requires_grad_() for k, v in bn.named_parameters()}
+
+    def loss(p, xi):
+        return (torch.func.functional_call(bn, p, (xi,)) ** 3).mean()
+
+    def per_task(xi):  # one inner step then the loss: needs second order
+        gr = torch.func.grad(loss)(params, xi)
+        return loss({k: params[k] - 0.1 * gr[k] for k in params}, xi)
+
+    vm = torch.autograd.grad(torch.func.vmap(per_task)(x).sum(), list(params.values()))
+    lp = torch.autograd.grad(sum(per_task(xi) for xi in x), list(params.values()))
+    for a, c in zip(vm, lp):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-13)
+
+
+def test_batchnorm_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"expects input \(N, 3, \.\.\.\)"):
+        BatchNorm(3)(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="num_features"):
+        BatchNorm(0)
+
+
+def test_conv4_shapes_and_names() -> None:
+    m = Conv4(ways=5)
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
+    assert m.head.in_features == 64
+    names = [k for k, _ in m.named_parameters()]
+    assert names[:4] == ["features.0.conv.weight", "features.0.conv.bias", "features.0.norm.weight", "features.0.norm.bias"]
+    assert names[-2:] == ["head.weight", "head.bias"]
+    assert not dict(m.named_buffers())
+    assert Conv4(20, in_channels=3, hidden=32, image_size=84)(torch.zeros(2, 3, 84, 84)).shape == (2, 20)
+    assert dict(Conv4(5, track_running_stats=True).named_buffers())
+    with pytest.raises(ValueError, match="ways"):
+        Conv4(0)
+
+
+def test_mlp_shapes_and_names() -> None:
+    m = MLP()
+    assert m(torch.zeros(10, 1)).shape == (10, 1)
+    assert [k for k, _ in m.named_parameters()] == [f"net.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+    assert sum(p.numel() for p in m.parameters()) == 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1
+    with pytest.raises(ValueError, match="positive ints"):
+        MLP(1, (0,), 1)
