@@ -12,6 +12,7 @@ copies the table to --results as inner_comparison_<config>.json and .md.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.config).stem
     out = Path(args.runs) if args.runs else Path("runs") / f"compare-{stem}"
     summary = compare(args.config, args.inner, args.seeds, out, overrides=args.overrides, device=args.device)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for png in map(Path, summary["plots"]):  # keep the figures next to the table (runs/ is not kept)
+        plots.append(shutil.copyfile(png, results / f"inner_comparison_{stem}_{png.name}"))
     md = "## Inner-optimizer comparison\n\n" + markdown_table(summary["rows"], title=f"{stem} ({args.seeds} seeds)")
-    md += "\nPlots: " + ", ".join(summary["plots"]) + "\n"
+    md += f"\nConfig: `{Path(args.config).name}`" + (f", overrides: `{' '.join(args.overrides)}`" if args.overrides else "")
+    md += "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
     j, m = write_report(args.results, f"inner_comparison_{stem}", {**summary, "overrides": args.overrides}, md)
     print(md, end="")
     print(f"wrote {j} and {m}")

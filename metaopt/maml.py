@@ -6,12 +6,13 @@ The model is never cloned or modified: it is run at other parameters with
 optimizer computes new parameter dicts out of place, so autograd sees the whole inner loop.
 
 Example:
-    >>> import torch, metaopt
+    >>> import torch
+    >>> from metaopt.maml import MAML          # also metaopt.MAML
     >>> from metaopt.models import MLP
     >>> from metaopt.optim import SGD
     >>> from metaopt.tasks.base import TaskBatch
     >>> model = MLP(1, (8,), 1)
-    >>> maml = metaopt.MAML(model, SGD(lr=0.01), inner_steps=1, loss_fn=torch.nn.functional.mse_loss)
+    >>> maml = MAML(model, SGD(lr=0.01), inner_steps=1, loss_fn=torch.nn.functional.mse_loss)
     >>> outer = torch.optim.Adam(maml.parameters(), lr=1e-3)
     >>> batch = TaskBatch(support=(torch.randn(4, 10, 1), torch.randn(4, 10, 1)),
     ...                   query=(torch.randn(4, 10, 1), torch.randn(4, 10, 1)))
@@ -131,6 +132,14 @@ def _check_int(value: Any, name: str, *, allow_none: bool = False) -> None:
         raise TypeError(f"{name} must be an int >= 0 but is {type(value).__name__}: {value!r}")
     if value < 0:
         raise ValueError(f"{name} must be an int >= 0 but is: {value}")
+
+
+def _check_versions(params: Params, versions: list[int]) -> None:
+    if versions != [p._version for p in params.values()]:
+        raise RuntimeError(
+            "the inner optimizer modified the model's parameters in place; step(params, grads, "
+            "state) must return new tensors and leave its inputs unchanged"
+        )
 
 
 def _walk_hparams(obj: Any, path: str, out: dict[str, nn.Parameter], seen: set[int], depth: int) -> None:
@@ -402,8 +411,10 @@ class MAML(nn.Module):
         n = self._steps(train, steps)
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
+        versions = [p._version for p in params0.values()]
         with self._norm_mode():
             params = self._adapt_one(params0, fixed, buffers, x, y, n, self._mode(train))
+        _check_versions(params0, versions)
         return {**fixed, **params}
 
     # ------------------------------------------------------------------ meta-loss
@@ -459,8 +470,7 @@ class MAML(nn.Module):
                 res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
             else:
                 res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before)
-        if versions != [p._version for p in params0.values()]:
-            raise RuntimeError("the inner optimizer modified the model's parameters in place; step must be pure")
+        _check_versions(params0, versions)
         loss_t = res["loss"]
         return MetaLossOutput(
             loss=loss_t.mean(),

@@ -996,7 +996,7 @@ def compare(
                     log(f"[compare] {label} seed {k} -> {run_dir}")
                 res = Trainer(seeded, run_dir, device=device).fit()
             runs.setdefault(label, []).append({"run_dir": str(run_dir), **res})
-    return summarize_compare(runs, out_dir, title=str(config) if isinstance(config, (str, Path)) else "")
+    return summarize_compare(runs, out_dir, title=Path(config).name if isinstance(config, (str, Path)) else "")
 
 
 def summarize_compare(runs: Mapping[str, list[dict[str, Any]]], out_dir: Path, *, title: str = "") -> dict[str, Any]:

@@ -29,9 +29,10 @@ def omniglot_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
-    # Two CI cores; keep torch from oversubscribing them when pytest-xdist runs workers.
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+def _one_thread_per_worker():
+    # CI has two cores and runs two pytest-xdist workers; one torch thread each avoids
+    # oversubscription, which made small conv tests ~100x slower on a busy 2-core machine.
+    torch.set_num_threads(1)
     yield
 
 

@@ -386,3 +386,41 @@ def test_bad_inputs_raise_clear_errors() -> None:
         bad = MAML(model, SGD(lr=0.1), loss_fn=lambda o, t: F.mse_loss(o, t, reduction="none"), vectorize=vec)
         with pytest.raises(ValueError, match=r"scalar \(0-dim\).*\(5, 3\)"):
             bad.meta_loss(batch)
+
+
+class _ModuleSGD(nn.Module):
+    """A user-written inner optimizer that is an nn.Module with a learned log-rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_lr = nn.Parameter(torch.tensor(-2.0, dtype=DT))
+
+    def init(self, params):
+        return ()
+
+    def step(self, params, grads, state):
+        return {k: p - self.log_lr.exp() * grads[k] for k, p in params.items()}, state
+
+
+def test_user_written_inner_optimizer_module() -> None:
+    model, batch, loss_fn = model_and_batch("mlp", seed=1)
+    maml = MAML(model, _ModuleSGD(), inner_steps=2, loss_fn=loss_fn)
+    assert "inner_optimizer.log_lr" in maml.state_dict()
+    assert max(fd_relative_errors(maml, batch)) <= FD_TOL
+
+
+class _InPlaceSGD:
+    def init(self, params):
+        return ()
+
+    def step(self, params, grads, state):
+        with torch.no_grad():
+            for k, p in params.items():
+                p.sub_(0.1 * grads[k])
+        return params, state
+
+
+def test_inner_optimizer_mutating_params_is_caught() -> None:
+    model, batch, loss_fn = model_and_batch("mlp")
+    with pytest.raises(RuntimeError, match="in place"):
+        MAML(model, _InPlaceSGD(), loss_fn=loss_fn, vectorize=False).meta_loss(batch)

@@ -103,3 +103,12 @@ def test_mlp_shapes_and_names() -> None:
     assert sum(p.numel() for p in m.parameters()) == 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1
     with pytest.raises(ValueError, match="positive ints"):
         MLP(1, (0,), 1)
+
+
+@pytest.mark.parametrize("name", ["metaopt.models", "metaopt.maml", "metaopt.optim.learned"])
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

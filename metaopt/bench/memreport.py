@@ -53,10 +53,11 @@ def state_sizes(models: dict[str, torch.nn.Module] | None = None) -> list[dict[s
 
 def peak_memory_report(device: str, memory: str, use_tiny: bool, threads: int | None,
                        impls: tuple[str, ...] = ("metaopt-vmap", "metaopt-loop"),
+                       workloads: tuple[str, ...] = ("S5", "O5"),
                        log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Peak memory of one second-order meta-iteration of S5 and O5 (5 inner steps)."""
     rows = []
-    for wid in ("S5", "O5"):
+    for wid in workloads:
         w: Workload = tiny(WORKLOADS[wid]) if use_tiny else WORKLOADS[wid]
         for key in impls:
             impl = IMPLS[key]()

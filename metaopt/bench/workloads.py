@@ -67,10 +67,11 @@ WORKLOADS: dict[str, Workload] = {
 
 
 def tiny(w: Workload) -> Workload:
-    """Tiny sizes for smoke tests: 2 tasks, few queries; model shapes and step counts kept."""
+    """Tiny sizes for smoke tests: 2 tasks, few queries, Conv4 with 8 filters; input shapes,
+    ways and step counts kept."""
     if w.kind == "sinusoid":
         return replace(w, meta_batch=2, shots=5, queries=5)
-    return replace(w, meta_batch=2, queries=1)
+    return replace(w, meta_batch=2, queries=1, hidden=8)
 
 
 class Case(NamedTuple):

@@ -5,14 +5,15 @@ registers them, so ``maml.parameters()`` hands them to the outer optimizer with 
 weights and ``maml.state_dict()`` checkpoints them.
 
 Example:
-    >>> import torch, metaopt
+    >>> import torch
+    >>> from metaopt.maml import MAML
     >>> from metaopt.models import MLP
     >>> from metaopt.optim.learned import MetaSGD
     >>> model = MLP()
     >>> inner = MetaSGD.from_model(model, init=0.01, granularity="tensor", steps=5)  # MAML++
     >>> inner.lr["net.0.weight"].shape                     # one rate per step
     torch.Size([5])
-    >>> maml = metaopt.MAML(model, inner, inner_steps=5, loss_fn=torch.nn.functional.mse_loss)
+    >>> maml = MAML(model, inner, inner_steps=5, loss_fn=torch.nn.functional.mse_loss)
     >>> len(list(maml.parameters())) == len(list(model.parameters())) * 2
     True
 """
@@ -67,9 +68,9 @@ def per_parameter_lr(
 
     Example:
         >>> import torch
-        >>> lrs = per_parameter_lr({"w": torch.zeros(2, 3)}, 0.1)
-        >>> lrs["w"].shape, float(lrs["w"][0, 0])
-        (torch.Size([2, 3]), 0.1)
+        >>> lrs = per_parameter_lr({"w": torch.zeros(2, 3)}, 0.5)
+        >>> lrs["w"].shape, lrs["w"].detach()[0, 0].item()
+        (torch.Size([2, 3]), 0.5)
     """
     if granularity not in ("element", "tensor"):
         raise ValueError(f"granularity must be 'element' or 'tensor' but is: {granularity!r}")
