@@ -194,11 +194,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else _default_out(args.config, "compare-")
     overrides = args.overrides + (["train.progress=false"] if args.quiet else [])
-    summary = compare(args.config, args.inner, args.seeds, out, overrides=overrides, device=args.device,
-                      log=lambda m: print(m, file=sys.stderr))
+    compare(args.config, args.inner, args.seeds, out, overrides=overrides, device=args.device,
+            log=lambda m: print(m, file=sys.stderr))
     print((out / "summary.md").read_text(), end="")
     print(f"summary: {out / 'summary.md'}  plots: {out / 'plots'}")
-    del summary
     return 0
 
 
