@@ -136,6 +136,7 @@ class Plain(Impl):
 class Higher(Impl):
     key = "higher"
     name = "higher"
+    note = "Adafactor rows: torch.optim.Adafactor through metaopt.integrations.higher"
 
     def unavailable(self) -> str | None:
         try:
@@ -147,8 +148,10 @@ class Higher(Impl):
     def unsupported(self, case: Case) -> str | None:
         if case.inner == "sgd":
             return None
-        if importlib.util.find_spec("metaopt.integrations.higher") is None:
-            return NO_ADAFACTOR + "; metaopt.integrations.higher not available"
+        try:
+            importlib.import_module("metaopt.integrations.higher")
+        except Exception as e:  # noqa: BLE001
+            return f"{NO_ADAFACTOR}; metaopt.integrations.higher: {_error(e)}"
         return None
 
     def build(self, model: nn.Module, case: Case) -> MetaBackward:
@@ -159,8 +162,9 @@ class Higher(Impl):
         if case.inner == "sgd":
             inner_opt: Any = torch.optim.SGD(model.parameters(), lr=w.inner_lr)
             override = None
-        else:  # pragma: no cover - depends on metaopt.integrations.higher landing
-            inner_opt, override = _higher_metaopt_inner(model, case)
+        else:  # torch.optim.Adafactor, made differentiable by metaopt.integrations.higher
+            importlib.import_module("metaopt.integrations.higher")  # registers the twin with higher
+            inner_opt, override = torch.optim.Adafactor(model.parameters(), lr=w.inner_lr), None
         # higher computes inner grads with create_graph=track_higher_grads; first order
         # keeps the graph of the update (so the meta-gradient reaches the initial weights)
         # and detaches the gradient, the usual FOMAML recipe with higher.
@@ -177,10 +181,6 @@ class Higher(Impl):
                     (loss_fn(fmodel(xq[t]), yq[t]) / T).backward()
 
         return meta_backward
-
-
-def _higher_metaopt_inner(model: nn.Module, case: Case) -> tuple[Any, Any]:  # pragma: no cover
-    raise NotImplementedError("metaopt.integrations.higher is not wired into the benchmark yet")
 
 
 # ---------------------------------------------------------------------------------------

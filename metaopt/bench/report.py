@@ -25,10 +25,15 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 def _mib(row: dict[str, Any]) -> str:
     mem = row.get("memory") or {}
     if "peak_bytes" in mem:
-        return f"{mem['peak_bytes'] / MiB:,.1f}"
+        return _mib_str(mem["peak_bytes"])
     if "error" in mem:
         return f"error: {mem['error']}"
     return "–"
+
+
+def _mib_str(nbytes: float) -> str:
+    mib = nbytes / MiB
+    return f"{mib:,.1f}" if mib >= 10 else f"{mib:.3f}"
 
 
 def _rows_ok(case: dict[str, Any]) -> list[dict[str, Any]]:
@@ -186,7 +191,7 @@ def to_markdown(res: dict[str, Any]) -> str:
                         and s["impl"] == r["impl"] and s["inner"] == "sgd"), None)
             ratio = (f"{r['peak_bytes'] / sgd['peak_bytes']:.2f}"
                      if "peak_bytes" in r and sgd and sgd.get("peak_bytes") else "–")
-            peak = f"{r['peak_bytes'] / MiB:,.1f}" if "peak_bytes" in r else f"error: {r.get('error')}"
+            peak = _mib_str(r["peak_bytes"]) if "peak_bytes" in r else f"error: {r.get('error')}"
             L.append(f"| {r['workload']} | {r['impl']} | {r['inner']} | {peak} | {ratio} |")
     if res.get("state_sizes"):
         L.append("")
