@@ -426,6 +426,7 @@ class MAML(nn.Module):
         train: bool | None = None,
         steps: int | None = None,
         before: bool = True,
+        backward: bool = False,
     ) -> MetaLossOutput:
         """Adapt to every task's support set and return the query losses.
 
@@ -438,6 +439,11 @@ class MAML(nn.Module):
             steps: override the number of inner steps.
             before: also compute the query loss/accuracy at the meta-parameters (one extra
                 forward per task without grad).
+            backward: accumulate the meta-gradient of ``loss`` into ``.grad`` here, task by
+                task on the per-task loop, so that only one task's graph is alive at a time
+                (peak memory of one task instead of the whole meta-batch; same gradient).
+                The returned losses are then detached: do not call ``.backward()`` on them.
+                Only for ``train=True``.
 
         Returns:
             :class:`MetaLossOutput`.
@@ -459,8 +465,11 @@ class MAML(nn.Module):
                 f"{yq.dtype} must have the same per-example shape and dtype"
             )
         train = self.training if train is None else bool(train)
+        if backward and not train:
+            raise ValueError("meta_loss(backward=True) needs train=True: evaluation builds no graph")
         n = self._steps(train, steps)
         mode = self._mode(train)
+        backward = backward and torch.is_grad_enabled()
         classify = not (torch.is_floating_point(yq) or torch.is_complex(yq) or yq.dtype == torch.bool)
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
@@ -468,8 +477,13 @@ class MAML(nn.Module):
         with self._norm_mode():
             if self._use_vmap(xs.device):
                 res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
+                if backward:  # all tasks share one vmapped graph: one backward for all
+                    res["loss"].mean().backward()
+                    res["loss"] = res["loss"].detach()
             else:
-                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before)
+                res = self._meta_loss_loop(
+                    params0, fixed, buffers, b, n, mode, classify, before, backward
+                )
         _check_versions(params0, versions)
         loss_t = res["loss"]
         return MetaLossOutput(
@@ -488,15 +502,19 @@ class MAML(nn.Module):
 
     def _meta_loss_loop(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
-        classify: bool, before: bool,
+        classify: bool, before: bool, backward: bool = False,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
         losses, accs, losses0, accs0 = [], [], [], []
+        scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
             params = self._adapt_one(params0, fixed, buffers, xs[i], ys[i], n, mode)
             with grad_ctx():
                 loss, out = self._loss(params, fixed, buffers, xq[i], yq[i])
+            if backward:  # free this task's graph now; .grad accumulates the mean's gradient
+                (loss * scale).backward()
+                loss, out = loss.detach(), out.detach()
             losses.append(loss)
             if classify:
                 with torch.no_grad():

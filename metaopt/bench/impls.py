@@ -91,7 +91,7 @@ class Metaopt(Impl):
 
         def meta_backward(batch: TaskBatch) -> None:
             # before=False: no extra forward at the meta-parameters (peers don't do one).
-            maml.meta_loss(batch, before=False).loss.backward()
+            maml.meta_loss(batch, before=False, backward=True)
 
         return meta_backward
 
