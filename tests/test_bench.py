@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,19 @@ def test_every_peer_computes_the_plain_loops_meta_gradient() -> None:
 
 
 def test_peak_memory_sees_a_known_allocation() -> None:
-    with PeakMemory("cpu") as m:
-        x = torch.ones(16 * 2**20 // 4)  # 16 MiB
-        del x
-    assert m.peak_bytes >= 15 * 2**20, m.method
+    # In a fresh process, as the benchmark measures: in a long-lived pytest worker, heap
+    # pages freed by earlier tests stay resident and a new allocation reuses them.
+    code = (
+        "import torch\n"
+        "from metaopt.bench.measure import PeakMemory\n"
+        "with PeakMemory('cpu') as m:\n"
+        "    x = torch.ones(16 * 2**20 // 4)  # 16 MiB\n"
+        "    del x\n"
+        "print(m.peak_bytes, m.method)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, method = out.stdout.split(maxsplit=1)
+    assert int(peak) >= 15 * 2**20, method
 
 
 def test_state_sizes_and_functional_adam() -> None:

@@ -22,10 +22,11 @@ DT = torch.float64
 
 
 @pytest.fixture
-def one_thread(_deterministic_threads: None) -> Iterator[None]:
+def one_thread(_one_thread_per_worker: None) -> Iterator[None]:
     """Tiny float64 tensors: intra-op threads only add overhead, and on a busy 2-core
-    machine two spinning threads made these tests ~100x slower. Runs after conftest's
-    fixture (it depends on it); tests opt in with ``pytestmark = pytest.mark.usefixtures``."""
+    machine two spinning threads made these tests ~100x slower. conftest already sets one
+    thread for every test; this keeps the guarantee explicit for the engine's tests even if
+    that default changes (it runs after conftest's fixture, which it depends on)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
