@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ import torch
 import metaopt.bench as bench
 from metaopt.bench.check import check_meta_gradients
 from metaopt.bench.impls import IMPLS, NO_ADAFACTOR, get_impls
-from metaopt.bench.measure import PeakMemory
 from metaopt.bench.memreport import MEMORY_INNERS, peak_memory_report, state_sizes
 from metaopt.bench.report import to_markdown
 from metaopt.bench.workloads import WORKLOADS, FunctionalAdam, make_batch, tiny
