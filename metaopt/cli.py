@@ -20,6 +20,7 @@ examples:
   metaopt train configs/omniglot_5w1s.yaml --device cuda --set inner.name=adafactor
   metaopt train --resume runs/sine-paper                    # continue from checkpoints/last.pt
   metaopt train --resume runs/sine --set train.iterations=20000   # extend a finished run
+  torchrun --nproc_per_node=2 -m metaopt train configs/sinusoid.yaml --out runs/sine2  # 2 processes
   metaopt eval runs/sine --tasks 600                        # mean and 95% CI on test tasks
   metaopt compare configs/sinusoid.yaml --inner sgd,adafactor:lr=0.3 --seeds 3
   metaopt config configs/omniglot_20w5s.yaml                # print the resolved config
@@ -150,7 +151,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--out and --resume name different run directories; give only --resume RUN_DIR")
         trainer = make_resumed_trainer(args.resume, overrides=args.overrides + progress, device=args.device,
                                          config=args.config)
-        print(f"resuming {args.resume} at iteration {trainer.iteration}", file=sys.stderr)
+        if trainer.is_main:
+            print(f"resuming {args.resume} at iteration {trainer.iteration}", file=sys.stderr)
     else:
         if not args.config:
             raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR)")
@@ -158,12 +160,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         cfg = config.load(args.config, args.overrides + progress)  # config errors first
         out = Path(args.out) if args.out else _default_out(args.config)
+        if not args.out:  # under torchrun: rank 0's clock names the run directory for all ranks
+            from metaopt.distributed import same_on_every_rank
+            from metaopt.train import resolve_device
+
+            out = same_on_every_rank(out, resolve_device(args.device or cfg["train"]["device"]))
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         trainer = Trainer(cfg, out, device=args.device)
-        print(f"run directory: {out}", file=sys.stderr)
+        if trainer.is_main:
+            print(f"run directory: {out}", file=sys.stderr)
     results = trainer.fit()
-    _print_results(results, trainer.run_dir)
+    if trainer.is_main:
+        _print_results(results, trainer.run_dir)
     return 0
 
 
@@ -185,7 +194,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks < 1:
         raise ConfigError(f"--tasks must be >= 1, got {args.tasks}")
     results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, steps=args.steps, device=args.device)
-    _print_results(results, None)
+    from metaopt.distributed import is_main_process
+
+    if is_main_process():  # under torchrun the evaluation is sharded; rank 0 reports
+        _print_results(results, None)
     return 0
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "backend_for",
     "benchmark",
     "env_world_size",
+    "free_port",
     "init",
     "is_main_process",
     "launch",
@@ -109,9 +110,9 @@ def backend_for(device: torch.device | str) -> str:
 def shard_bounds(n: int, rank: int, world_size: int, *, allow_remainder: bool = False) -> tuple[int, int]:
     """The contiguous slice ``[start, stop)`` of ``n`` tasks that ``rank`` takes.
 
-    With ``allow_remainder=False`` ``n`` must be divisible by ``world_size``; otherwise the
-    first ``n % world_size`` ranks... no: rank ``r`` takes ``[r*n//W, (r+1)*n//W)``, sizes
-    differing by at most one (a rank may get none when ``n < world_size``).
+    Rank ``r`` takes ``[r*n//W, (r+1)*n//W)``. With ``allow_remainder=False`` (training)
+    ``n`` must be divisible by ``world_size`` (``ConfigError`` otherwise); with ``True``
+    (evaluation) shard sizes differ by at most one and a rank may get none when ``n < W``.
 
     Example:
         >>> [shard_bounds(10, r, 2) for r in range(2)]
@@ -120,11 +121,11 @@ def shard_bounds(n: int, rank: int, world_size: int, *, allow_remainder: bool = 
         [(0, 2), (2, 5)]
     """
     if n % world_size and not allow_remainder:
-        ok = [k for k in range(max(1, n - 2 * world_size), n + 2 * world_size + 1) if k % world_size == 0 and k > 0]
+        lo = n // world_size * world_size
+        near = " or ".join(str(k) for k in (lo, lo + world_size) if k > 0)
         raise ConfigError(
             f"meta-batch of {n} tasks does not divide by the {world_size} ranks; set "
-            f"train.meta_batch_size to a multiple of {world_size} (e.g. {', '.join(map(str, ok[:3]))}) "
-            f"or change --nproc_per_node"
+            f"train.meta_batch_size to a multiple of {world_size} (e.g. {near}) or change --nproc_per_node"
         )
     return rank * n // world_size, (rank + 1) * n // world_size
 
@@ -177,14 +178,21 @@ class DistributedContext:
         dist.all_reduce(buf)
         return buf[0] / buf[1]
 
-    def all_reduce_grads(self, params: Iterable[Tensor], local_tasks: int) -> None:
+    def all_reduce_grads(self, params: Iterable[Tensor], local_tasks: int,
+                         means: Sequence[Tensor | float] = ()) -> list[Tensor]:
         """Replace each ``.grad`` (the gradient of this rank's mean loss over ``local_tasks``
-        tasks) by the gradient of the mean over all ranks' tasks, in place.
+        tasks) by the gradient of the mean over all ranks' tasks, in place; also turn the
+        per-rank means ``means`` (e.g. the loss) into means over all ranks' tasks.
 
-        One all-reduce per dtype of a flat buffer holding ``grad * local_tasks`` for every
-        parameter and the task count; the sum divided by the total count is the global-mean
-        gradient, exact for uneven shards. Parameters without a gradient are skipped (every
-        rank must agree on which have one), except on a rank with no tasks, which sends zeros.
+        One all-reduce (per gradient dtype) of a flat buffer holding ``grad * local_tasks``
+        for every parameter, the task count and ``mean * local_tasks``; the sums divided by
+        the total count are the global means: ``sum_r (n_r / N) grad(mean_r) =
+        grad((1/N) sum_i L_i)``, exact for uneven shards. Parameters without a gradient are
+        skipped (every rank must agree on which have one), except on a rank with no tasks,
+        which sends zeros.
+
+        Returns:
+            the global means (0-dim tensors, in the order of ``means``; NaN stays NaN).
         """
         params = [p for p in params if p.requires_grad]
         if local_tasks == 0:
@@ -195,17 +203,26 @@ class DistributedContext:
         for p in params:
             if p.grad is not None:
                 groups.setdefault(p.grad.dtype, []).append(p)
-        for dtype in sorted(groups, key=str):  # same order on every rank
+        if not groups:
+            groups[torch.float64] = []
+        out: list[Tensor] = []
+        for i, dtype in enumerate(sorted(groups, key=str)):  # same order on every rank
             ps = groups[dtype]
+            extra = [float(local_tasks)]
+            if i == 0:  # the means ride along in the first buffer
+                extra += [0.0 if local_tasks == 0 else float(m) * local_tasks for m in means]
             flat = torch.cat([p.grad.reshape(-1) * local_tasks for p in ps]
-                             + [torch.tensor([float(local_tasks)], dtype=dtype, device=ps[0].grad.device)])
+                             + [torch.tensor(extra, dtype=dtype, device=self.device)])
             dist.all_reduce(flat)
-            total = flat[-1]
             offset = 0
+            total = flat[sum(p.grad.numel() for p in ps)]
             for p in ps:
                 k = p.grad.numel()
                 p.grad.copy_((flat[offset:offset + k] / total).view_as(p.grad))
                 offset += k
+            if i == 0:
+                out = list(flat[offset + 1:] / total)
+        return out
 
     def gather_tasks(self, values: Tensor) -> Tensor:
         """All-gather 1-D per-task values of possibly different lengths, concatenated in
@@ -267,7 +284,7 @@ class DistributedContext:
         dist.all_gather_object(gathered, (digest, _flatten(cfg), dict(extra or {})))
         if all(g[0] == digest for g in gathered):
             return digest
-        ref_cfg, ref_extra = {**gathered[0][1], **gathered[0][2]}, None
+        ref_cfg = {**gathered[0][1], **gathered[0][2]}
         parts = []
         for r, (h, flat, ext) in enumerate(gathered):
             if h == gathered[0][0]:
@@ -276,7 +293,6 @@ class DistributedContext:
             keys = sorted(k for k in set(ref_cfg) | set(mine) if ref_cfg.get(k) != mine.get(k))
             diffs = ", ".join(f"{k} ({ref_cfg.get(k)!r} on rank 0 vs {mine.get(k)!r})" for k in keys[:5])
             parts.append(f"rank {r}: {diffs or 'hash differs'}")
-        del ref_extra
         bad = [r for r, g in enumerate(gathered) if g[0] != gathered[0][0]]
         raise ConfigError(
             f"ranks disagree on the resolved config: rank(s) {', '.join(map(str, bad))} differ from rank 0 "
@@ -294,12 +310,17 @@ class DistributedContext:
         """
         from metaopt.train import EvalResult, mean_ci95
 
-        after, before, losses = [], [], []
+        after, before, losses, index = [], [], [], []
         classify = -1
+        seen = 0  # tasks in the batches so far: global task index of this batch's first task
         for raw in batches:
-            b = self.shard_batch(raw, allow_remainder=True)
-            if b.num_tasks == 0:
+            full = as_task_batch(raw)
+            start, stop = self.shard(full.num_tasks, allow_remainder=True)
+            seen += full.num_tasks
+            if stop == start:
                 continue
+            b = full.split(start, stop)
+            index.append(torch.arange(seen - full.num_tasks + start, seen - full.num_tasks + stop))
             if device is not None:
                 b = b.to(device)
             out = maml.meta_loss(b, train=False, before=True)
@@ -311,9 +332,11 @@ class DistributedContext:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         classify = int(flag.item())
         empty = torch.zeros(0, dtype=torch.float64)
-        a = self.gather_tasks(torch.cat(after) if after else empty)
-        b0 = self.gather_tasks(torch.cat(before) if before else empty)
-        lo = self.gather_tasks(torch.cat(losses) if losses else empty)
+        # Back into task order (the same order as one process): rank r holds a slice of every batch.
+        order = self.gather_tasks(torch.cat(index).double() if index else empty).argsort()
+        a = self.gather_tasks(torch.cat(after) if after else empty)[order]
+        b0 = self.gather_tasks(torch.cat(before) if before else empty)[order]
+        lo = self.gather_tasks(torch.cat(losses) if losses else empty)[order]
         if a.numel() == 0:
             raise ValueError(f"no {split} tasks to evaluate (empty data)")
         mean, ci, std = mean_ci95(a)

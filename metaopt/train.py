@@ -15,7 +15,8 @@ The pieces are small functions so that a distributed version can reuse them unch
 :func:`meta_step` (forward, backward, outer step; the place to all-reduce gradients),
 :func:`evaluate` (mean and 95% CI over tasks), and the I/O helpers
 (:func:`save_checkpoint`, :func:`load_checkpoint`, :class:`RunLogger`), which only rank 0
-would call.
+calls. Under ``torchrun`` the trainer shards each meta-batch across processes: see
+:mod:`metaopt.distributed`.
 
 Run directory (``out_dir``): ``config.yaml`` (resolved), ``metrics.csv``,
 ``checkpoints/last.pt``, ``results.json``, ``plots/*.png`` and TensorBoard event files.
@@ -269,8 +270,13 @@ def meta_step(
     stats: bool = True,
     iteration: int = 0,
     checkpoint: Path | None = None,
+    sync: Any = None,
 ) -> StepStats:
     """One meta-iteration: adapt to every task, mean query loss, backward, outer step.
+
+    ``sync``: a :class:`metaopt.distributed.DistributedContext` when ``batch`` is this rank's
+    shard; the loss/stats become means over all ranks' tasks and the gradients are
+    all-reduced (weighted by tasks) before clipping and the outer step.
 
     Raises:
         NonFiniteLossError: the meta-loss is NaN/inf (checked before the outer step, so the
@@ -280,19 +286,19 @@ def meta_step(
     # backward=True: the engine backpropagates task by task, so only one task's graph is
     # alive at a time (Conv4 O1 on CPU: ~1.9 GB -> one task's worth); same meta-gradient.
     out = maml.meta_loss(batch, train=True, before=stats, backward=True)
-    loss_value = float(out.loss.detach())
+    parts = [out.loss] + ([out.query_loss_before, out.accuracy, out.accuracy_before] if stats else [])
+    means: list[Any] = [math.nan if t is None else t.detach().mean() for t in parts]
+    if sync is not None:
+        # One all-reduce: .grad := gradient of the mean over all ranks' tasks, and the means
+        # over all ranks' tasks (so every rank stops together on a non-finite loss).
+        means = sync.all_reduce_grads(maml.parameters(), int(out.query_loss.shape[0]), means=means)
+    loss_value = float(means[0])
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(iteration, loss_value, checkpoint)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in maml.parameters() if p.grad is not None], grad_clip)
     outer.step()
-    if not stats:
-        return StepStats(loss_value)
-
-    def mean(t: Tensor | None) -> float:
-        return float(t.detach().mean()) if t is not None else math.nan
-
-    return StepStats(loss_value, mean(out.query_loss_before), mean(out.accuracy), mean(out.accuracy_before))
+    return StepStats(*(float(m) for m in means))
 
 
 def task_chunks(source: Any, n: int, chunk: int, seed: int, device: torch.device) -> Iterator[TaskBatch]:
@@ -511,6 +517,9 @@ class Trainer:
         loss_fn: the task loss (default: MSE for sinusoid / float targets, cross-entropy
             for Omniglot / integer targets).
         resume: continue from ``out_dir/checkpoints/last.pt``.
+        distributed: ``True`` (default): when started by ``torchrun`` (``WORLD_SIZE > 1``)
+            or inside an initialised process group, shard each meta-batch across the ranks
+            (see :mod:`metaopt.distributed`); ``False``: always one process.
 
     Example:
         >>> from metaopt.train import Trainer
@@ -533,12 +542,21 @@ class Trainer:
         model: nn.Module | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         resume: bool = False,
+        distributed: bool = True,
     ) -> None:
         self.cfg = _resolve_config(config, overrides)
         if device is not None:
             self.cfg["train"]["device"] = str(device)
         self.device = resolve_device(self.cfg["train"]["device"])
         self.run_dir = Path(out_dir) if out_dir is not None else None
+        self.dist: Any = None  # a metaopt.distributed.DistributedContext under torchrun
+        if distributed:
+            from metaopt import distributed as dist_mod
+
+            self.dist = dist_mod.setup(self.cfg, self.device, run_dir=self.run_dir,
+                                       meta_batch_size=self.cfg["train"]["meta_batch_size"] if data is None else None)
+            if self.dist is not None:
+                self.device = self.dist.device  # cuda:LOCAL_RANK on GPUs
         self.data, self.val_data, self.test_data = data, val_data, test_data
         tcfg = self.cfg["task"]
         if data is None:
@@ -550,6 +568,8 @@ class Trainer:
         self.model = (model if model is not None else build_model(self.cfg)).to(self.device)
         self._loss_fn = loss_fn
         self.maml = build_maml(self.cfg, self.model, self._task_loss).to(self.device)
+        if self.dist is not None:
+            self.dist.broadcast_parameters(self.maml)  # every rank starts from rank 0's weights
         self.outer = build_outer(self.cfg, self.maml.parameters())
         gen_device = getattr(getattr(self.train_tasks, "images", None), "device", torch.device("cpu"))
         self.generator = torch.Generator(device=gen_device).manual_seed(self.cfg["train"]["seed"])
@@ -564,6 +584,11 @@ class Trainer:
             self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def is_main(self) -> bool:
+        """True in a single process and on rank 0 (the only rank that writes files)."""
+        return self.dist is None or self.dist.is_main
 
     def _task_loss(self, out: Tensor, y: Tensor) -> Tensor:
         if self._loss_fn is not None:
@@ -630,8 +655,9 @@ class Trainer:
         self.elapsed = float(state.get("elapsed", 0.0))
 
     def save(self) -> Path | None:
-        """Write ``checkpoints/last.pt`` (atomically); no-op without a run directory."""
-        if self.checkpoint_path is None:
+        """Write ``checkpoints/last.pt`` (atomically); no-op without a run directory and
+        on ranks other than 0."""
+        if self.checkpoint_path is None or not self.is_main:
             return None
         return save_checkpoint(self.state_dict(), self.checkpoint_path)
 
@@ -642,7 +668,9 @@ class Trainer:
         if self.data is None:
             n = self.cfg["train"]["meta_batch_size"]
             while True:
-                yield sample_batch(self.train_tasks, n, self.generator, self.device)
+                batch = sample_batch(self.train_tasks, n, self.generator, self.device)
+                # Distributed: every rank draws the full meta-batch and keeps its slice.
+                yield self.dist.shard_batch(batch) if self.dist is not None else batch
         skip = self.data_batches
         while True:
             seen = 0
@@ -651,7 +679,8 @@ class Trainer:
                     skip -= 1
                     continue
                 seen += 1
-                yield as_task_batch(raw).to(self.device)
+                batch = as_task_batch(raw).to(self.device)
+                yield self.dist.shard_batch(batch) if self.dist is not None else batch
             if seen == 0 and skip == 0:
                 raise ValueError("the training data yielded no batches")
 
@@ -675,6 +704,8 @@ class Trainer:
         batches = self._eval_batches(split, tasks)
         if batches is None:
             return None
+        if self.dist is not None:  # sharded; per-task metrics gathered from every rank
+            return self.dist.evaluate(self.maml, batches, split=split, device=self.device)
         return evaluate(self.maml, batches, split=split, device=self.device)
 
     # ------------------------------------------------------------------ fit
@@ -692,7 +723,7 @@ class Trainer:
         logger = self._open_run()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=min(self.iteration, total), disable=not t["progress"],
+        bar = tqdm(total=total, initial=min(self.iteration, total), disable=not t["progress"] or not self.is_main,
                    desc="meta-train", dynamic_ncols=True, file=sys.stderr)
         batches = self._batches()
         val: EvalResult | None = None
@@ -707,7 +738,7 @@ class Trainer:
                     log_now = it % t["log_every"] == 0 or it == total
                     batch = next(batches)
                     stats = meta_step(self.maml, self.outer, batch, grad_clip=t["grad_clip"], stats=log_now,
-                                      iteration=it, checkpoint=self.checkpoint_path)
+                                      iteration=it, checkpoint=self.checkpoint_path, sync=self.dist)
                     if self.classification is None:
                         self.classification = not torch.is_floating_point(batch.query[1])
                     self.iteration = it
@@ -725,7 +756,7 @@ class Trainer:
                     bar.update(1)
                     if t["checkpoint_every"] and it % t["checkpoint_every"] == 0 and it != total:
                         self.save()
-                    if guard.hit:
+                    if self.dist.any(guard.hit) if self.dist is not None else guard.hit:
                         raise TrainingInterrupted(it, self.save())
             bar.close()
             self.save()
@@ -755,7 +786,7 @@ class Trainer:
             logger.log(row)
 
     def _open_run(self) -> RunLogger | None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.is_main:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_mod.save(self.cfg, self.run_dir / "config.yaml")
@@ -771,7 +802,7 @@ class Trainer:
                 logger._tb.add_scalar(f"test/{test.metric}", test.mean, self.iteration)
         else:
             results = {"metric": self.metric, "mean": None, "ci95": None, "tasks": 0, **results}
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             write_json(self.run_dir / "results.json", results)
             if self.cfg["train"]["plots"]:
                 self.plot(test)
@@ -908,7 +939,7 @@ def evaluate_run(run_dir: str | Path, *, tasks: int | None = None, split: str = 
     res = trainer.evaluate(split, tasks)
     assert res is not None
     out = {**res.to_json(), "iteration": trainer.iteration}
-    if write:
+    if write and trainer.is_main:
         name = "results" if split == "test" and steps is None else f"results_{split}"
         name += f"_{steps}steps" if steps is not None else ""
         write_json(run_dir / f"{name}.json", out)
