@@ -23,7 +23,7 @@ Adafactor caveats (read before comparing numbers across implementations):
   then far too small.
 * ``impl: torch`` (``torch.optim.Adafactor``) always scales by the parameter's RMS:
   the step is ``min(lr, 1/sqrt(t)) * max(eps[1], RMS(param))`` (``lr`` is a cap on the
-  relative step, default 1e-2), it has no first moment and no update clipping.
+  relative step, default 1e-2), it has no first moment; updates are clipped at RMS `d` (default 1.0).
   ``lr`` is required (a float; no relative-step mode without it).
 * Both keep factored second moments only for parameters with 2 or more dimensions.
 

@@ -158,7 +158,7 @@ class DifferentiableAdafactor(_DifferentiableAdafactorBase):
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
         >>> with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
-        ...     diffopt.step(fmodel(torch.ones(4, 3)).pow(2).mean())
+        ...     _ = diffopt.step(fmodel(torch.ones(4, 3)).pow(2).mean())
         ...     fmodel(torch.ones(4, 3)).mean().backward()
         >>> type(diffopt).__name__, model.weight.grad.shape
         ('DifferentiableAdafactor', torch.Size([1, 3]))

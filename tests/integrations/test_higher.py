@@ -287,3 +287,12 @@ def test_registration_and_lazy_import():
     assert higher.optim._opt_mapping[HFAdafactor] is mh.DifferentiableTransformersAdafactor
     code = "import sys, metaopt.integrations; assert 'higher' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["metaopt.integrations", "metaopt.integrations.higher"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
