@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from metaopt.train import compare, markdown_table, write_report
+from metaopt.compare import compare, markdown_table, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from metaopt.train import PAPER_SETTINGS, reproduce, reproduction_markdown, write_report
+from metaopt.compare import PAPER_SETTINGS, reproduce, reproduction_markdown, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 

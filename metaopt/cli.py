@@ -177,7 +177,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, run_dir: Path | None) -> None:
-    from metaopt.train import _fmt_metric
+    from metaopt.compare import _fmt_metric
 
     if results.get("mean") is not None:
         print(f"test {results['metric']}: {_fmt_metric(results['metric'], results['mean'], results['ci95'])} "
@@ -202,7 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from metaopt.train import compare
+    from metaopt.compare import compare
 
     out = Path(args.out) if args.out else _default_out(args.config, "compare-")
     overrides = args.overrides + (["train.progress=false"] if args.quiet else [])

@@ -112,3 +112,48 @@ def test_docstring_examples_run(name: str) -> None:
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _reference_conv4(model: Conv4) -> nn.Module:
+    """The textbook Conv4 (torch layers, ReLU before max-pool) with ``model``'s weights."""
+    layers: list[nn.Module] = []
+    for block in model.features:
+        conv = nn.Conv2d(block.conv.in_channels, block.conv.out_channels, 3, padding=1, dtype=torch.float64)
+        bn = nn.BatchNorm2d(block.conv.out_channels, track_running_stats=False, dtype=torch.float64)
+        conv.load_state_dict(block.conv.state_dict())
+        bn.weight.data.copy_(block.norm.weight)
+        bn.bias.data.copy_(block.norm.bias)
+        layers += [conv, bn, nn.ReLU(), nn.MaxPool2d(2)]
+    head = nn.Linear(model.head.in_features, model.head.out_features, dtype=torch.float64)
+    head.load_state_dict(model.head.state_dict())
+    return nn.Sequential(*layers, nn.Flatten(), head)
+
+
+def test_conv4_pool_before_relu_equals_textbook_order_to_second_order() -> None:
+    # Binary images with blank regions give exact ties in every max-pool window: the
+    # pool-then-ReLU order must route gradients (and second-order terms) exactly like the
+    # textbook ReLU-then-pool order. One MAML step (second order) checks both.
+    torch.manual_seed(0)
+    model = Conv4(ways=5, hidden=16).to(torch.float64)
+    with torch.no_grad():  # non-trivial BN affine parameters, negative scales included
+        for block in model.features:
+            block.norm.weight.uniform_(-1.5, 1.5)
+            block.norm.bias.uniform_(-0.5, 0.5)
+    ref = _reference_conv4(model)
+    xs = (torch.rand(5, 1, 28, 28) < 0.15).double()
+    xq = (torch.rand(10, 1, 28, 28) < 0.15).double()
+    ys, yq = torch.arange(5), torch.arange(5).repeat(2)
+
+    def meta_grads(net: nn.Module) -> list[torch.Tensor]:
+        params = list(net.parameters())
+        loss = F.cross_entropy(net(xs), ys)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        fast = [p - 0.4 * g for p, g in zip(params, grads)]
+        out = torch.func.functional_call(net, dict(zip([n for n, _ in net.named_parameters()], fast)), (xq,))
+        return list(torch.autograd.grad(F.cross_entropy(out, yq), params))
+
+    torch.testing.assert_close(model(xq), ref(xq), rtol=0, atol=1e-12)
+    ours, theirs = meta_grads(model), meta_grads(ref)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

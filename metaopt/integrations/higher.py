@@ -4,7 +4,10 @@
 raises ``ValueError("Optimizer type ... not supported by higher yet")`` for the ones it
 does not know, Adafactor included. Importing this module registers twins with
 ``higher.register_optim`` for ``torch.optim.Adafactor`` and, when transformers is
-installed, ``transformers.optimization.Adafactor``, so existing higher code runs unchanged::
+installed, ``transformers.optimization.Adafactor``, so existing higher code runs unchanged
+(transformers is not imported for this: its twin is registered as soon as higher looks up an
+optimizer type it does not know while ``transformers.optimization`` is loaded, see
+:func:`register`)::
 
     import higher
     import metaopt.integrations.higher  # noqa: F401  (registers Adafactor with higher)
@@ -51,9 +54,11 @@ registered automatically (``higher.register_optim(MyAdafactor, DifferentiableAda
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import higher as _higher
+import higher.optim as _higher_optim
 import torch
 from higher.optim import DifferentiableOptimizer
 from torch import Tensor
@@ -252,20 +257,47 @@ def transformers_adafactor_class() -> Optional[type]:
     return HFAdafactor
 
 
-def register() -> dict[type, type]:
-    """Register the differentiable twins with ``higher.register_optim`` (idempotent).
+def _loaded_transformers_adafactor() -> Optional[type]:
+    """``transformers.optimization.Adafactor`` if that module is loaded already (never imports it)."""
+    hf = getattr(sys.modules.get("transformers.optimization"), "Adafactor", None)
+    return hf if isinstance(hf, type) else None
 
-    Called when this module is imported. Returns ``{optimizer class: twin class}`` for what
-    was registered (transformers' Adafactor only when transformers is installed).
 
-    Example:
-        >>> import torch
-        >>> from metaopt.integrations.higher import register, DifferentiableAdafactor
-        >>> register()[torch.optim.Adafactor] is DifferentiableAdafactor
-        True
+class _LazyOptMapping(dict):  # type: ignore[type-arg]
+    """higher's ``optim._opt_mapping`` (optimizer type -> twin), registering transformers' twin late.
+
+    higher keys its table by the optimizer class, and transformers' class exists only once
+    ``transformers.optimization`` is imported (about 3 s). So instead of importing it, a lookup
+    that misses (``type(opt) in table``, ``table[type(opt)]``) first registers the twin if that
+    module has been loaded since; an instance of transformers' Adafactor implies it has.
     """
+
+    _metaopt_lazy = True
+
+    def _add_late(self, key: Any) -> bool:
+        hf = _loaded_transformers_adafactor()
+        if hf is not None:
+            self.setdefault(hf, DifferentiableTransformersAdafactor)  # keeps a user's own twin
+        return dict.__contains__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or self._add_late(key)
+
+    def __missing__(self, key: Any) -> Any:
+        if self._add_late(key):
+            return dict.__getitem__(self, key)
+        raise KeyError(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+def _install() -> dict[type, type]:
+    """Register the torch twin and the late transformers hook; returns what is registered now."""
+    if not getattr(type(_higher_optim._opt_mapping), "_metaopt_lazy", False):
+        _higher_optim._opt_mapping = _LazyOptMapping(_higher_optim._opt_mapping)
     done: dict[type, type] = {torch.optim.Adafactor: DifferentiableAdafactor}
-    hf = transformers_adafactor_class()
+    hf = _loaded_transformers_adafactor()
     if hf is not None:
         done[hf] = DifferentiableTransformersAdafactor
     for optim_type, twin in done.items():
@@ -273,7 +305,40 @@ def register() -> dict[type, type]:
     return done
 
 
-REGISTERED = register()
+def register() -> dict[type, type]:
+    """Register the differentiable twins with ``higher.register_optim`` (idempotent).
+
+    Importing this module registers ``torch.optim.Adafactor``'s twin, and transformers' as soon
+    as higher looks up an optimizer type it does not know once ``transformers.optimization``
+    is loaded, without importing transformers itself. Calling this registers both now
+    (importing transformers when installed). Returns ``{optimizer class: twin class}`` for
+    what was registered (transformers' Adafactor only when transformers is installed).
+
+    Example:
+        >>> import torch
+        >>> from metaopt.integrations.higher import register, DifferentiableAdafactor
+        >>> register()[torch.optim.Adafactor] is DifferentiableAdafactor
+        True
+    """
+    done = _install()
+    hf = transformers_adafactor_class()
+    if hf is not None:
+        done[hf] = DifferentiableTransformersAdafactor
+        _higher.register_optim(hf, DifferentiableTransformersAdafactor)
+    return done
+
+
+_install()
+
+
+def __getattr__(name: str) -> Any:
+    # ``REGISTERED`` (what :func:`register` returns) is computed on first access, as it
+    # imports transformers when installed; importing this module does not.
+    if name == "REGISTERED":
+        registered = globals()["REGISTERED"] = register()
+        return registered
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DifferentiableAdafactor",

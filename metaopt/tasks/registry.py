@@ -4,18 +4,29 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-_REGISTRY: dict[str, Callable[..., Any]] = {}
+from metaopt._registry import Registry
+
+
+def _builtins(reg: Registry[Any]) -> None:
+    from metaopt.tasks.omniglot import Omniglot
+    from metaopt.tasks.sinusoid import Sinusoid
+
+    reg.register("sinusoid", Sinusoid)
+    reg.register("omniglot", Omniglot)
+
+
+_TASKS: Registry[Any] = Registry("task", _builtins)
+_REGISTRY = _TASKS.factories  # name -> factory
 
 
 def register(name: str, factory: Callable[..., Any]) -> None:
     """Register ``factory(**cfg)`` (an object with ``sample(n, generator)``) under ``name``."""
-    _REGISTRY[name.lower()] = factory
+    _TASKS.register(name, factory, replace=True)
 
 
 def names() -> list[str]:
     """Sorted list of the registered task names."""
-    _ensure_builtins()
-    return sorted(_REGISTRY)
+    return _TASKS.names()
 
 
 def get(name: str, **cfg: Any) -> Any:
@@ -34,20 +45,4 @@ def get(name: str, **cfg: Any) -> Any:
         >>> get("sinusoid", shots=5, queries=5)
         Sinusoid(shots=5, queries=5, amplitude=(0.1, 5.0), phase=(0.0, 3.141592653589793), x_range=(-5.0, 5.0))
     """
-    _ensure_builtins()
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ValueError(f"Unknown task name: {name!r}; known names: {', '.join(sorted(_REGISTRY))}")
-    try:
-        return _REGISTRY[name.lower()](**cfg)
-    except TypeError as e:  # unexpected keyword: report it as a bad config value
-        raise ValueError(f"Invalid arguments for task {name!r}: {e}") from e
-
-
-def _ensure_builtins() -> None:
-    if "sinusoid" in _REGISTRY:
-        return
-    from metaopt.tasks.omniglot import Omniglot
-    from metaopt.tasks.sinusoid import Sinusoid
-
-    register("sinusoid", Sinusoid)
-    register("omniglot", Omniglot)
+    return _TASKS.get(name, **cfg)

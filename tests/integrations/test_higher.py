@@ -289,6 +289,33 @@ def test_registration_and_lazy_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_import_does_not_import_transformers_and_registers_its_twin_late():
+    """transformers (seconds to import) is not imported by this module; its Adafactor still
+    works with higher once the user imports it, and REGISTERED lists it (imported on access)."""
+    code = """if True:
+        import sys, higher, torch
+        import metaopt.integrations.higher as mh
+        assert 'transformers' not in sys.modules, 'imported transformers'
+        assert higher.optim._opt_mapping[torch.optim.Adafactor] is mh.DifferentiableAdafactor
+        from transformers.optimization import Adafactor as HF
+        model = torch.nn.Linear(3, 1)
+        diffopt = higher.optim.get_diff_optim(HF(model.parameters()), model.parameters())
+        assert type(diffopt) is mh.DifferentiableTransformersAdafactor, type(diffopt)
+        assert mh.REGISTERED[HF] is mh.DifferentiableTransformersAdafactor
+    """
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_higher_table_lookups_still_miss_for_unknown_optimizers():
+    mapping = higher.optim._opt_mapping  # wrapped by metaopt.integrations.higher
+    assert HFAdafactor in mapping and mapping.get(HFAdafactor) is mh.DifferentiableTransformersAdafactor
+    assert int not in mapping and mapping.get(int) is None
+    with pytest.raises(KeyError):
+        mapping[int]
+    with pytest.raises(ValueError, match="not supported by higher"):
+        higher.optim.get_diff_optim(object(), [])
+
+
 @pytest.mark.parametrize("name", ["metaopt.integrations", "metaopt.integrations.higher"])
 def test_doctests(name):
     import doctest
