@@ -60,3 +60,19 @@ def test_compare_inner(tmp_path: Path) -> None:
     assert [r["inner"] for r in data["rows"]] == ["sgd", "adafactor"]
     assert "| adafactor | 2 |" in (tmp_path / "results/inner_comparison_sinusoid.md").read_text()
     assert (tmp_path / "runs/plots/compare_val_mse.png").stat().st_size > 5000
+
+
+def test_profile_step_breaks_a_meta_iteration_down(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mod = _load("profile_step")
+    out = tmp_path / "profile.json"
+    assert mod.main(["--workload", "O1", "--impl", "plain", "--tiny", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| convolution forward |" in text and "| kind | ms / meta-it | share |" in text
+    data = json.loads(out.read_text())
+    cats = data["categories_ms"]
+    # Conv4 on the plain loop runs convolutions forward and backward; every category is >= 0.
+    assert cats["convolution forward"] > 0 and cats["convolution backward"] > 0
+    assert all(v >= 0 for v in cats.values())
+    # An implementation without a differentiable Adafactor is refused with the reason.
+    assert mod.main(["--workload", "S1", "--impl", "plain", "--inner", "adafactor", "--tiny"]) == 2
+    assert "no differentiable Adafactor" in capsys.readouterr().err
