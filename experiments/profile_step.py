@@ -87,8 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
-    if args.iterations < 1:
-        p.error(f"--iterations must be >= 1, got {args.iterations}")
+    for flag in ("iterations", "meta_batch", "threads", "top"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
     impls = {i.key: i for i in get_impls()}
     if args.impl not in impls:

@@ -76,3 +76,8 @@ def test_profile_step_breaks_a_meta_iteration_down(tmp_path: Path, capsys: pytes
     # An implementation without a differentiable Adafactor is refused with the reason.
     assert mod.main(["--workload", "S1", "--impl", "plain", "--inner", "adafactor", "--tiny"]) == 2
     assert "no differentiable Adafactor" in capsys.readouterr().err
+    # Bad counts are refused with the flag and the value.
+    for flag in ("--meta-batch", "--iterations", "--threads", "--top"):
+        with pytest.raises(SystemExit):
+            mod.main([flag, "0", "--tiny"])
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -320,12 +320,8 @@ def register() -> dict[type, type]:
         >>> register()[torch.optim.Adafactor] is DifferentiableAdafactor
         True
     """
-    done = _install()
-    hf = transformers_adafactor_class()
-    if hf is not None:
-        done[hf] = DifferentiableTransformersAdafactor
-        _higher.register_optim(hf, DifferentiableTransformersAdafactor)
-    return done
+    transformers_adafactor_class()  # imports transformers.optimization when installed ...
+    return _install()  # ... so this registers its twin together with torch's
 
 
 _install()
