@@ -16,12 +16,13 @@ exact under ``vmap``, whenever it runs inside a ``torch.func`` transform; on pla
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchNorm", "MLP", "Conv4", "batch_norm"]
+__all__ = ["BatchNorm", "MLP", "Conv4", "batch_norm", "max_pool2x2"]
 
 
 class BatchNorm(nn.Module):
@@ -164,6 +165,67 @@ def _functorch_wrapped(t: Tensor | None) -> bool:
     return t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+class _MaxPool2x2CPU(torch.autograd.Function):
+    """2x2 max-pool of a contiguous NCHW CPU tensor, computed by torch's channels-last kernel.
+
+    Why: on CPU, torch's NCHW max-pool kernel is scalar; the channels-last one is vectorised
+    over channels. For the query pass of an O1 task (75 x 64 x 28 x 28) forward takes 24 ms
+    NCHW and 9 ms through here, layout copies included. Forward returns the values and the
+    indices (flat ``h * W + w`` per plane, the same numbers in both layouts, first maximum
+    in row-major window order on ties), both NCHW-contiguous; backward is
+    ``max_pool2d_with_indices_backward`` on NCHW, exactly torch's own backward, so every
+    derivative order (MAML's double backward included) is torch's.
+    """
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        y, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2, return_indices=True)
+        return y.contiguous(), idx.contiguous()  # (N, C, H//2, W//2) each
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> Tensor:  # type: ignore[override]
+        x, idx = ctx.saved_tensors
+        # A differentiable aten op (its derivative is a gather by idx), so create_graph works.
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+
+
+#: Below this many elements the layout copies cost more than the faster kernel saves.
+_CHANNELS_LAST_POOL_MIN_NUMEL = 32768
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    """``F.max_pool2d(x, 2)``: the same values and the same derivatives of every order
+    (ties go to the first maximum in row-major window order, as in torch), faster on CPU.
+
+    On a large contiguous NCHW CPU tensor outside ``torch.func`` transforms, the pooling
+    runs in torch's vectorised channels-last kernel (1.7-2.4x faster forward and backward
+    on Conv4's 28x28 and 14x14 layers); otherwise it is ``F.max_pool2d(x, 2)``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(8, 64, 28, 28, requires_grad=True)
+        >>> torch.equal(max_pool2x2(x), F.max_pool2d(x, 2))
+        True
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 4
+        or not x.is_floating_point()
+        or x.numel() < _CHANNELS_LAST_POOL_MIN_NUMEL
+        or not x.is_contiguous()
+        or _functorch_wrapped(x)
+    ):
+        return F.max_pool2d(x, 2)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2).contiguous()
+    return _MaxPool2x2CPU.apply(x)[0]
+
+
 class MLP(nn.Module):
     """Fully connected ReLU network, ``in -> hidden... -> out`` (Finn et al. 2017, sinusoid).
 
@@ -204,7 +266,8 @@ class ConvBlock(nn.Module):
     Computed as max-pool then ReLU: the same function (ReLU is monotone, so it commutes
     with max) with the same derivatives of every order (a window whose max is <= 0 gets a
     zero gradient either way; otherwise both pick the same first maximal entry), but ReLU
-    and its backward touch a quarter of the elements.
+    and its backward touch a quarter of the elements. The pool is :func:`max_pool2x2`
+    (``F.max_pool2d(x, 2)`` with a faster CPU kernel).
     """
 
     def __init__(self, in_channels: int, out_channels: int, track_running_stats: bool = False) -> None:
@@ -213,7 +276,7 @@ class ConvBlock(nn.Module):
         self.norm = BatchNorm(out_channels, track_running_stats=track_running_stats)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(F.max_pool2d(self.norm(self.conv(x)), 2))  # (N, C, H//2, W//2)
+        return F.relu(max_pool2x2(self.norm(self.conv(x))))  # (N, C, H//2, W//2)
 
 
 class Conv4(nn.Module):

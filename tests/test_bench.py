@@ -53,6 +53,10 @@ def test_bench_smoke_prints_table_and_writes_outputs(tmp_path: Path, capsys: pyt
         assert rows[key]["status"] == "ok" and rows[key]["meta_it_s"]["median"] > 0
         assert rows[key]["memory"]["peak_bytes"] >= 0
     assert res["cases"][0]["flops"] > 0
+    # CPU: the floor's peak is measured (no datasheet figure), and every case gets a floor.
+    assert res["meta"]["peak_tflops"] > 0 and res["meta"]["peak_source"].startswith("measured")
+    assert all(c["floor_tasks_s"] > 0 for c in res["cases"])
+    assert "Arithmetic floor: " in out and "TFLOP/s (measured, best of matmul" in out
     assert all(c["ok"] for c in res["check"]) and res["check"]
     assert {t["status"] for t in res["targets"]} <= {"met", "not met", "not measured"}
 
@@ -123,6 +127,32 @@ def test_memory_report_rows_and_markdown() -> None:
     md = to_markdown(res)
     assert "## Inner-optimizer memory" in md and "| S5 | metaopt-loop | adam |" in md
     assert "## Inner-optimizer state size" in md and "| Conv4 20-way | 113,236 | adafactor |" in md
+
+
+def test_o1_target_reports_ours_and_the_peers_share_of_the_floor() -> None:
+    from metaopt.bench.report import targets
+
+    def row(key: str, name: str, tasks_s: float) -> dict:
+        return {"impl": key, "name": name, "status": "ok", "tasks_s": tasks_s, "is_metaopt": key.startswith("metaopt"),
+                "meta_it_s": {"median": tasks_s / 32}}
+
+    case = {"workload": "O1", "inner": "sgd", "order": "second", "meta_batch": 32, "floor_tasks_s": 40.0,
+            "rows": [row("metaopt-loop", "metaopt per-task loop", 10.0), row("higher", "higher", 8.0)]}
+    res = {"meta": {"device": "cpu"}, "cases": [case]}
+    o1 = targets(res)[0]
+    assert o1["status"] == "not met"
+    assert o1["detail"] == ("metaopt per-task loop 10 tasks/s vs higher 8 tasks/s: 1.25x; arithmetic floor "
+                            "40 tasks/s: ours at 25.0% of it, higher at 20.0%; 2x the fastest peer would be "
+                            "40.0% of the floor")
+    case["rows"][0].update(tasks_s=16.0, meta_it_s={"median": 0.5})
+    assert targets(res)[0]["status"] == "met"
+
+
+def test_measured_peak_is_positive_and_says_how() -> None:
+    from metaopt.bench.measure import measure_peak_tflops
+
+    tflops, how = measure_peak_tflops("cpu", repeats=1)
+    assert 0 < tflops < 100 and how.startswith("measured") and "conv2d" in how
 
 
 def test_workload_batches_have_the_real_shapes() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaopt.models import MLP, BatchNorm, Conv4, batch_norm
+from metaopt.models import MLP, BatchNorm, Conv4, batch_norm, max_pool2x2
 
 DT = torch.float64
 
@@ -129,10 +129,13 @@ def _reference_conv4(model: Conv4) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), head)
 
 
-def test_conv4_pool_before_relu_equals_textbook_order_to_second_order() -> None:
+@pytest.mark.parametrize("fast_pool_min_numel", [0, 10**12], ids=["channels-last-pool", "torch-pool"])
+def test_conv4_pool_before_relu_equals_textbook_order_to_second_order(fast_pool_min_numel: int, monkeypatch) -> None:
     # Binary images with blank regions give exact ties in every max-pool window: the
     # pool-then-ReLU order must route gradients (and second-order terms) exactly like the
-    # textbook ReLU-then-pool order. One MAML step (second order) checks both.
+    # textbook ReLU-then-pool order. One MAML step (second order) checks both, with every
+    # pool through max_pool2x2's channels-last kernel and with every pool through torch's.
+    monkeypatch.setattr("metaopt.models._CHANNELS_LAST_POOL_MIN_NUMEL", fast_pool_min_numel)
     torch.manual_seed(0)
     model = Conv4(ways=5, hidden=16).to(torch.float64)
     with torch.no_grad():  # non-trivial BN affine parameters, negative scales included
@@ -157,3 +160,49 @@ def test_conv4_pool_before_relu_equals_textbook_order_to_second_order() -> None:
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _pool_derivatives(pool, x: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    """Output, first derivative (vjp with v) and the derivative of that vjp w.r.t. v: the
+    terms MAML's second-order meta-gradient takes through a max-pool."""
+    x = x.detach().requires_grad_()
+    v = v.detach().requires_grad_()
+    y = pool(x)
+    (g,) = torch.autograd.grad(y, x, v, create_graph=True)
+    (gv,) = torch.autograd.grad(g, v, w)
+    return [y, g, gv]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 28, 28), (2, 3, 7, 9), (4, 64, 14, 14), (1, 2, 3, 3)])
+def test_max_pool2x2_equals_torch_max_pool_to_second_order(shape, dtype, monkeypatch) -> None:
+    # Threshold 0: every shape (odd sizes too) takes the channels-last path. Rounded values
+    # and blank planes give many exact ties, whose routing (first maximum) must match.
+    monkeypatch.setattr("metaopt.models._CHANNELS_LAST_POOL_MIN_NUMEL", 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype).round()
+    x[0, 0] = 0.0
+    out = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    v = torch.randn(out, generator=g, dtype=dtype)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    ours = _pool_derivatives(max_pool2x2, x, v, w)
+    ref = _pool_derivatives(lambda t: F.max_pool2d(t, 2), x, v, w)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and a.is_contiguous()
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(max_pool2x2(x), F.max_pool2d(x, 2))
+
+
+def test_max_pool2x2_falls_back_to_torch_where_its_kernel_does_not_apply() -> None:
+    x = torch.randn(2, 64, 28, 28)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(max_pool2x2(cl), F.max_pool2d(x, 2))  # channels-last input: torch's kernel
+    assert torch.equal(max_pool2x2(x[:, :, :, :27]), F.max_pool2d(x[:, :, :, :27], 2))  # strided
+    assert torch.equal(max_pool2x2(x[0]), F.max_pool2d(x[0], 2))  # unbatched (C, H, W)
+    # Under vmap (the vectorised MAML path) it is F.max_pool2d, batching rule included.
+    xb = torch.randn(3, 2, 64, 28, 28)
+    assert torch.equal(torch.func.vmap(max_pool2x2)(xb), F.max_pool2d(xb.flatten(0, 1), 2).view(3, 2, 64, 14, 14))
+    grads = torch.func.vmap(torch.func.grad(lambda t: max_pool2x2(t).square().sum()))(xb)
+    ref = torch.func.vmap(torch.func.grad(lambda t: F.max_pool2d(t, 2).square().sum()))(xb)
+    assert torch.equal(grads, ref)

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="skip counting FLOPs (one extra meta-iteration per workload and order)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak TFLOP/s for the arithmetic floor (default: known CUDA "
-                             "devices' FP32 peak; none on CPU)")
+                             "devices' FP32 datasheet peak; on CPU, and on unknown GPUs, the measured "
+                             "throughput of a matmul and of O1's main convolution)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init and the random data")
     parser.add_argument("--output", default=None,
@@ -89,17 +90,24 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+def _peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float | None, str]:
+    """The arithmetic floor's peak and where it comes from: --peak-tflops, a known CUDA
+    device's datasheet figure, else measured (:func:`measure_peak_tflops`); none with
+    --no-flops (there is no floor without FLOPs)."""
     if args.peak_tflops is not None:
-        return args.peak_tflops
+        return args.peak_tflops, "--peak-tflops"
+    if not args.flops:
+        return None, "not used (--no-flops)"
     if device.type == "cuda":
         from metaopt.bench.report import PEAK_TFLOPS
 
         name = torch.cuda.get_device_name(device)
         for key, v in PEAK_TFLOPS.items():
             if key in name:
-                return v
-    return None
+                return v, f"FP32 datasheet peak of {key}"
+    from metaopt.bench.measure import measure_peak_tflops
+
+    return measure_peak_tflops(device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     failed = {(c["impl"]) for c in (check or []) if not c["ok"]}
 
     workloads = [tiny(WORKLOADS[w]) if args.tiny else WORKLOADS[w] for w in args.workloads]
-    peak = _peak_tflops(args, device)
+    peak, peak_source = _peak_tflops(args, device)
     mem_method = {"subprocess": "peak RSS (VmHWM) of a fresh process per case" if device.type == "cpu"
                   else "torch.cuda.max_memory_allocated in a fresh process per case",
                   "inline": "measured inside the benchmark process (under-reports on CPU)",
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             "device_name": _device_name(device), "threads": torch.get_num_threads(),
             "repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny, "seed": args.seed,
             "memory": args.memory, "memory_method": mem_method, "memory_iterations": args.memory_iterations,
-            "peak_tflops": peak, "workloads": [w.describe() for w in workloads],
+            "peak_tflops": peak, "peak_source": peak_source, "workloads": [w.describe() for w in workloads],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "peers": peers, "check": check, "cases": [],

@@ -45,7 +45,7 @@ from metaopt.bench.impls import Impl
 from metaopt.bench.workloads import Case, Workload, make_batch, make_model
 
 __all__ = ["PeakMemory", "MetaIteration", "build_iteration", "time_interleaved", "count_flops",
-           "memory_in_subprocess", "memory_inline"]
+           "measure_peak_tflops", "memory_in_subprocess", "memory_inline"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,6 +225,44 @@ def summarize(seconds: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------
 # FLOPs
 # ---------------------------------------------------------------------------------------
+
+
+def measure_peak_tflops(device: str | torch.device, repeats: int = 5) -> tuple[float, str]:
+    """Measured FP32 TFLOP/s of the kernels the workloads spend their FLOPs in: the best of a
+    2048x2048 matmul and the O1 query pass's dominant convolution (75 x 64 x 14 x 14 input,
+    64 3x3 filters, padding 1), best of ``repeats`` runs each, with torch's current threads.
+
+    Used as the arithmetic floor's peak where no datasheet figure applies (CPU): a CPU's
+    vendor peak depends on clocks, vector width and core count under load, while this is what
+    the same kernels reach on the same machine. Returns ``(tflops, description)``.
+    """
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+
+    def best(fn: Callable[[], Any], flops: float) -> float:
+        fn()  # warm-up: oneDNN/cuBLAS pick their kernels here
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return flops / min(times) / 1e12
+
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(2048, 2048, device=device, generator=g)
+    b = torch.randn(2048, 2048, device=device, generator=g)
+    x = torch.randn(75, 64, 14, 14, device=device, generator=g)
+    w = torch.randn(64, 64, 3, 3, device=device, generator=g)
+    mm = best(lambda: a @ b, 2 * 2048**3)
+    conv = best(lambda: F.conv2d(x, w, padding=1), 2 * 75 * 14 * 14 * 64 * 64 * 9)
+    desc = (f"measured, best of matmul 2048^2 ({mm:.3g} TFLOP/s) and conv2d 64->64 3x3 on "
+            f"75x14x14 ({conv:.3g} TFLOP/s), {torch.get_num_threads()} thread(s)")
+    return max(mm, conv), desc
 
 
 def count_flops(it: MetaIteration) -> int:

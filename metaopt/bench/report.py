@@ -72,8 +72,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         detail = (f"{ours['name']} {ours['tasks_s']:.3g} tasks/s vs {peer['name']} "
                   f"{peer['tasks_s']:.3g} tasks/s: {ratio:.2f}x")
         if o1.get("floor_tasks_s"):
-            detail += (f"; arithmetic floor {o1['floor_tasks_s']:.4g} tasks/s "
-                       f"(ours at {ours['tasks_s'] / o1['floor_tasks_s']:.1%} of it)")
+            floor = o1["floor_tasks_s"]
+            detail += (f"; arithmetic floor {floor:.4g} tasks/s: ours at {ours['tasks_s'] / floor:.1%} of it, "
+                       f"{peer['name']} at {peer['tasks_s'] / floor:.1%}; {need:g}x the fastest peer "
+                       f"would be {need * peer['tasks_s'] / floor:.1%} of the floor")
         out.append({"target": name, "status": "met" if ratio >= need else "not met", "detail": detail})
 
     # Adafactor time: metaopt's best row per workload/order, Adafactor vs SGD.
@@ -125,6 +127,10 @@ def to_markdown(res: dict[str, Any]) -> str:
     L.append("")
     L.append("Workloads: " + "; ".join(m["workloads"]) + ". One meta-iteration = adapt every task, "
              "query losses, backward, outer Adam step. Random data with the real shapes.")
+    if m.get("peak_tflops"):
+        L.append("")
+        L.append(f"Arithmetic floor: the case's FLOPs (convolutions and matmuls, every backward) at "
+                 f"{m['peak_tflops']:.3g} TFLOP/s ({m.get('peak_source', 'peak')}).")
     L.append("")
     L.append("## Implementations")
     L.append("")
