@@ -6,14 +6,16 @@ Example:
     >>> @reg.register("Box")
     ... def box(size=1):
     ...     return ("box", size)
-    >>> reg.get("box", size=2), reg.names()
-    (('box', 2), ['box'])
+    >>> reg.get("box", size=2), reg.names(), reg.factory("BOX") is box
+    (('box', 2), ['box'], True)
     >>> reg.get("ball")
     Traceback (most recent call last):
     ValueError: Unknown widget name: 'ball'; known names: box
     >>> reg.register("box", box)
     Traceback (most recent call last):
     ValueError: widget name 'box' is already registered (pass replace=True to replace it)
+    >>> reg.unregister("box"); reg.names()
+    []
 """
 
 from __future__ import annotations
@@ -70,6 +72,26 @@ class Registry(Generic[T]):
         self._load_builtins()
         return sorted(self.factories)
 
+    def factory(self, name: str) -> Callable[..., T]:
+        """The factory registered under ``name`` (case-insensitive), not called.
+
+        Raises:
+            ValueError: unknown name (the message lists the known ones).
+        """
+        self._load_builtins()
+        if not isinstance(name, str) or name.lower() not in self.factories:
+            raise ValueError(f"Unknown {self.kind} name: {name!r}; known names: {', '.join(self.names())}")
+        return self.factories[name.lower()]
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (case-insensitive); built-ins can be removed too.
+
+        Raises:
+            ValueError: unknown name (the message lists the known ones).
+        """
+        self.factory(name)  # raises for an unknown name
+        del self.factories[name.lower()]
+
     def get(self, name: str, **kwargs: Any) -> T:
         """``factory(**kwargs)`` for the factory registered under ``name`` (case-insensitive).
 
@@ -77,10 +99,8 @@ class Registry(Generic[T]):
             ValueError: unknown name (the message lists the known ones), or a ``TypeError``
                 from the factory (e.g. an unexpected keyword), re-raised as a bad value.
         """
-        self._load_builtins()
-        if not isinstance(name, str) or name.lower() not in self.factories:
-            raise ValueError(f"Unknown {self.kind} name: {name!r}; known names: {', '.join(self.names())}")
+        factory = self.factory(name)
         try:
-            return self.factories[name.lower()](**kwargs)
+            return factory(**kwargs)
         except TypeError as e:  # unexpected keyword: report it as a bad config value
             raise ValueError(f"Invalid arguments for {self.kind} {name!r}: {e}") from e

@@ -328,7 +328,7 @@ def _check_inner(inner: dict[str, Any]) -> None:
     name = inner["name"]
     if name.lower() not in optim.names():
         raise ConfigError(f"config key 'inner.name': unknown inner optimizer {name!r}; known: {', '.join(optim.names())}")
-    factory = optim.registry._REGISTRY[name.lower()]
+    factory = optim.factory(name)
     _check_extra("inner", inner, _INNER_OWN, factory, f"inner optimizer {name!r}")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inner.items() if k not in _INNER_OWN}
     if inner["lr"] is not None:

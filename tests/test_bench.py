@@ -148,6 +148,23 @@ def test_o1_target_reports_ours_and_the_peers_share_of_the_floor() -> None:
     assert targets(res)[0]["status"] == "met"
 
 
+def test_memory_target_counts_resolvable_peaks_only() -> None:
+    from metaopt.bench.report import targets
+
+    def mem(wid: str, key: str, inner: str, kib: float) -> dict:
+        return {"workload": wid, "impl": key, "inner": inner, "peak_bytes": kib * 1024}
+
+    res = {"meta": {"device": "cpu"}, "cases": [], "memory_report": [
+        mem("S5", "metaopt-loop", "sgd", 16), mem("S5", "metaopt-loop", "adafactor", 4),  # page noise
+        mem("O5", "metaopt-loop", "sgd", 1024 * 100), mem("O5", "metaopt-loop", "adafactor", 1024 * 110)]}
+    t = targets(res)[2]
+    assert t["status"] == "met"
+    assert t["detail"] == ("S5 metaopt-loop: below resolution (4 vs 16 KiB; not counted); "
+                           "O5 metaopt-loop: 1.10x (110.0 vs 100.0 MiB)")
+    res["memory_report"][3]["peak_bytes"] = 140 * 2**20
+    assert targets(res)[2]["status"] == "not met"
+
+
 def test_measured_peak_is_positive_and_says_how() -> None:
     from metaopt.bench.measure import measure_peak_tflops
 

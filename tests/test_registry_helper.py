@@ -55,16 +55,18 @@ def test_builtins_load_once_and_lazily_before_user_entries():
 
 def test_public_registries_replace_silently_as_before():
     from metaopt import optim
-    from metaopt.optim import registry
-
     optim.register("SGD2", optim.SGD)
     try:
         optim.register("sgd2", lambda **kw: optim.SGD(lr=0.5))
         assert optim.get("sgd2").lr == 0.5
-        assert registry._REGISTRY["sgd2"] is not optim.SGD  # metaopt.config reads this table
+        assert optim.factory("SGD2") is not optim.SGD  # metaopt.config reads the factory
     finally:
-        registry._REGISTRY.pop("sgd2")
+        optim.unregister("Sgd2")
     assert "sgd2" not in optim.names()
+    with pytest.raises(ValueError, match="Unknown optimizer name: 'sgd2'; known names: adafactor"):
+        optim.unregister("sgd2")
+    with pytest.raises(ValueError, match="Unknown optimizer name: 'nope'"):
+        optim.factory("nope")
 
 
 def test_docstring_example_runs():

@@ -5,7 +5,7 @@ hand-written plain-PyTorch loop, on the fixed workloads S1, S5, O1, O5 (DESIGN.m
 Example:
     >>> import argparse, metaopt.bench
     >>> parser = argparse.ArgumentParser()
-    >>> metaopt.bench.add_arguments(parser)
+    >>> _ = metaopt.bench.add_arguments(parser)
     >>> args = parser.parse_args(["--tiny", "--workloads", "S1", "--inner", "sgd",
     ...                           "--order", "second", "--memory", "off", "--no-memory-report"])
     >>> metaopt.bench.run(args)  # doctest: +SKIP

@@ -12,6 +12,9 @@ PEAK_TFLOPS = {"H200": 67.0, "H100 PCIe": 51.0, "H100": 67.0, "A100": 19.5, "L40
                "A10G": 31.2, "V100": 15.7, "T4": 8.1}
 
 MiB = 2**20
+KiB = 2**10
+#: Peak-memory deltas below this are page-level noise (allocator reuse), not a measurement.
+MIN_RESOLVABLE = 256 * KiB
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -107,7 +110,11 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     for wid in ("S5", "O5"):
         for key in ("metaopt-vmap", "metaopt-loop"):
             got = {r["inner"]: r["peak_bytes"] for r in mem if r["workload"] == wid and r["impl"] == key}
-            if "sgd" in got and "adafactor" in got and got["sgd"] > 0:
+            if "sgd" in got and "adafactor" in got and max(got["sgd"], got["adafactor"]) < MIN_RESOLVABLE:
+                # A few pages of RSS: allocator reuse decides these, not the optimizer.
+                lines.append(f"{wid} {key}: below resolution ({got['adafactor'] / KiB:.0f} vs "
+                             f"{got['sgd'] / KiB:.0f} KiB; not counted)")
+            elif "sgd" in got and "adafactor" in got and got["sgd"] > 0:
                 r = got["adafactor"] / got["sgd"]
                 lines.append(f"{wid} {key}: {r:.2f}x ({got['adafactor'] / MiB:.1f} vs {got['sgd'] / MiB:.1f} MiB)")
                 any_ = True

@@ -15,7 +15,7 @@ Example:
 
 from metaopt.optim.adafactor import Adafactor, AdafactorState
 from metaopt.optim.base import InnerOptimizer
-from metaopt.optim.registry import get, names, register
+from metaopt.optim.registry import factory, get, names, register, unregister
 from metaopt.optim.sgd import SGD, SGDState
 
 __all__ = [
@@ -24,7 +24,9 @@ __all__ = [
     "InnerOptimizer",
     "SGD",
     "SGDState",
+    "factory",
     "get",
     "names",
     "register",
+    "unregister",
 ]

@@ -21,7 +21,6 @@ def _builtins(reg: Registry[InnerOptimizer]) -> None:
 
 
 _OPTIMIZERS: Registry[InnerOptimizer] = Registry("optimizer", _builtins)
-_REGISTRY = _OPTIMIZERS.factories  # name -> factory (read by metaopt.config)
 
 
 def register(name: str, factory: Callable[..., InnerOptimizer]) -> None:
@@ -29,9 +28,34 @@ def register(name: str, factory: Callable[..., InnerOptimizer]) -> None:
     _OPTIMIZERS.register(name, factory, replace=True)
 
 
+def unregister(name: str) -> None:
+    """Remove the optimizer registered under ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    _OPTIMIZERS.unregister(name)
+
+
 def names() -> list[str]:
     """Sorted list of the registered optimizer names."""
     return _OPTIMIZERS.names()
+
+
+def factory(name: str) -> Callable[..., InnerOptimizer]:
+    """The factory registered under ``name`` (case-insensitive), not called: a class such
+    as :class:`~metaopt.optim.SGD` or a constructor such as ``Adafactor.from_transformers``.
+    ``metaopt.config`` reads its signature to validate config keys.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+
+    Example:
+        >>> from metaopt.optim import SGD, factory
+        >>> factory("SGD") is SGD
+        True
+    """
+    return _OPTIMIZERS.factory(name)
 
 
 def get(name: str, **kwargs: Any) -> InnerOptimizer:

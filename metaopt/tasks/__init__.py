@@ -9,7 +9,7 @@ Example:
 
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.tasks.omniglot import ChecksumError, Omniglot, default_cache_dir, load_split
-from metaopt.tasks.registry import get, names, register
+from metaopt.tasks.registry import get, names, register, unregister
 from metaopt.tasks.sinusoid import Sinusoid, SinusoidParams
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "get",
     "names",
     "register",
+    "unregister",
 ]

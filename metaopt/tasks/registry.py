@@ -16,12 +16,20 @@ def _builtins(reg: Registry[Any]) -> None:
 
 
 _TASKS: Registry[Any] = Registry("task", _builtins)
-_REGISTRY = _TASKS.factories  # name -> factory
 
 
 def register(name: str, factory: Callable[..., Any]) -> None:
     """Register ``factory(**cfg)`` (an object with ``sample(n, generator)``) under ``name``."""
     _TASKS.register(name, factory, replace=True)
+
+
+def unregister(name: str) -> None:
+    """Remove the task distribution registered under ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    _TASKS.unregister(name)
 
 
 def names() -> list[str]:

@@ -38,6 +38,5 @@ def test_register():
     try:
         assert tasks.get("const", a=1) == {"a": 1}
     finally:
-        from metaopt.tasks import registry
-
-        registry._REGISTRY.pop("const")
+        tasks.unregister("const")
+    assert "const" not in tasks.names()
