@@ -5,9 +5,10 @@ the benchmark workloads of DESIGN.md with SGD and with Adafactor as the inner op
 and prints time and memory ratios against SGD next to the targets (Adafactor at most 1.2x
 SGD's time and 1.3x its memory).
 
+The workloads, models and data are ``metaopt bench``'s (:mod:`metaopt.bench.workloads`):
 - ``S1``/``S5``: MLP 1-40-40-1, sinusoid 10 support + 10 query, 25 tasks, 1/5 steps.
-- ``O1``/``O5``: Conv4 on 28x28 Omniglot-shaped inputs (random pixels: only the shapes
-  matter for timing), 5-way 1-shot 32 tasks 1 step / 20-way 1-shot 16 tasks 5 steps.
+- ``O1``/``O5``: Conv4 on 28x28 Omniglot-shaped inputs (random binary images: only the
+  shapes matter for timing), 5-way 1-shot 32 tasks 1 step / 20-way 1-shot 16 tasks 5 steps.
 
 Engines: ``loop`` (``vectorize=False``) and ``vmap`` (``vectorize=True``). The optimizers
 are timed interleaved (SGD, Adafactor, ..., SGD, ...) in one process, so machine noise
@@ -27,48 +28,16 @@ import argparse
 import math
 import statistics
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from dataclasses import replace
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 import metaopt
 from metaopt import optim
-from metaopt.models import MLP, Conv4
+from metaopt.bench.workloads import WORKLOADS, make_batch, make_model
 
 TIME_TARGET, MEMORY_TARGET = 1.2, 1.3  # Adafactor / SGD
-
-
-class Workload(NamedTuple):
-    make_model: Callable[[], torch.nn.Module]
-    tasks: int
-    steps: int
-    sgd_lr: float
-    loss_fn: Callable[..., torch.Tensor]
-    sample: Callable[[int, torch.Generator], metaopt.tasks.TaskBatch]
-
-
-def _sinusoid(tasks: int, gen: torch.Generator) -> metaopt.tasks.TaskBatch:
-    return metaopt.tasks.Sinusoid(shots=10, queries=10).sample(tasks, generator=gen)
-
-
-def _omniglot_shaped(ways: int) -> Callable[[int, torch.Generator], metaopt.tasks.TaskBatch]:
-    def sample(tasks: int, gen: torch.Generator) -> metaopt.tasks.TaskBatch:
-        xs = torch.rand(tasks, ways, 1, 28, 28, generator=gen)  # 1 shot per class
-        xq = torch.rand(tasks, ways * 15, 1, 28, 28, generator=gen)  # 15 queries per class
-        ys = torch.arange(ways).repeat(tasks, 1)
-        yq = torch.arange(ways).repeat_interleave(15).repeat(tasks, 1)
-        return metaopt.tasks.TaskBatch(support=(xs, ys), query=(xq, yq))
-
-    return sample
-
-
-WORKLOADS = {
-    "S1": Workload(MLP, 25, 1, 0.01, F.mse_loss, _sinusoid),
-    "S5": Workload(MLP, 25, 5, 0.01, F.mse_loss, _sinusoid),
-    "O1": Workload(lambda: Conv4(5), 32, 1, 0.4, F.cross_entropy, _omniglot_shaped(5)),
-    "O5": Workload(lambda: Conv4(20), 16, 5, 0.1, F.cross_entropy, _omniglot_shaped(20)),
-}
 
 
 def saved_bytes(maml: metaopt.MAML, batch: metaopt.tasks.TaskBatch) -> int:
@@ -91,12 +60,11 @@ def bench(
 ) -> dict[str, dict[str, float]]:
     """Median seconds per meta-iteration and saved bytes, per inner optimizer."""
     w = WORKLOADS[workload]
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # model init
-    model = w.make_model()
-    batch = w.sample(tasks or w.tasks, gen)
+    if tasks is not None:
+        w = replace(w, meta_batch=tasks)
+    model, batch = make_model(w, seed=seed), make_batch(w, seed=seed)
     opts: dict[str, Any] = {
-        "sgd": optim.SGD(lr=w.sgd_lr),
+        "sgd": optim.SGD(lr=w.inner_lr),
         "adafactor": optim.Adafactor(lr=0.01),
         "adafactor_hf": optim.Adafactor.from_transformers(),
     }
@@ -111,7 +79,7 @@ def bench(
         opt.step = torch.compile(opt.step, dynamic=False)
         opts["adafactor+compile"] = opt
     mamls = {
-        name: metaopt.MAML(model, inner_optimizer=opt, inner_steps=w.steps, loss_fn=w.loss_fn,
+        name: metaopt.MAML(model, inner_optimizer=opt, inner_steps=w.inner_steps, loss_fn=w.loss_fn,
                            vectorize=mode == "vmap")
         for name, opt in opts.items()
     }
@@ -152,11 +120,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also time Adafactor with torch.compile'd step")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    for workload in args.workloads.split(","):
+    for flag in ("repeats", "tasks", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}")
+    workloads, modes = args.workloads.split(","), args.modes.split(",")
+    for workload in workloads:
         if workload not in WORKLOADS:
             parser.error(f"unknown workload {workload!r}; known: {sorted(WORKLOADS)}")
-        for mode in args.modes.split(","):
+    for mode in modes:
+        if mode not in ("loop", "vmap"):
+            parser.error(f"unknown mode {mode!r}; known: loop, vmap")
+    torch.set_num_threads(args.threads)
+    for workload in workloads:
+        for mode in modes:
             report(workload, mode, bench(workload, mode, args.repeats, args.tasks, args.compile))
 
 

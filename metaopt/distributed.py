@@ -331,12 +331,14 @@ class DistributedContext:
         flag = torch.tensor([float(classify)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         classify = int(flag.item())
-        empty = torch.zeros(0, dtype=torch.float64)
-        # Back into task order (the same order as one process): rank r holds a slice of every batch.
-        order = self.gather_tasks(torch.cat(index).double() if index else empty).argsort()
-        a = self.gather_tasks(torch.cat(after) if after else empty)[order]
-        b0 = self.gather_tasks(torch.cat(before) if before else empty)[order]
-        lo = self.gather_tasks(torch.cat(losses) if losses else empty)[order]
+        # One gather of (task index, after, before, loss) rows; rank r holds a slice of every
+        # batch, so sorting by task index restores the order of one process.
+        cols = [index, after, before, losses]
+        rows = (torch.stack([torch.cat(c).to(self.device, torch.float64) for c in cols], 1) if index
+                else torch.zeros(0, len(cols), dtype=torch.float64))
+        gathered = self.gather_tasks(rows).view(-1, len(cols))  # (all tasks, 4), rank order
+        gathered = gathered[gathered[:, 0].argsort()]
+        a, b0, lo = gathered[:, 1], gathered[:, 2], gathered[:, 3]
         if a.numel() == 0:
             raise ValueError(f"no {split} tasks to evaluate (empty data)")
         mean, ci, std = mean_ci95(a)
@@ -510,6 +512,14 @@ def benchmark(world_sizes: Sequence[int] = (1, 2), *, meta_batch_size: int = 24,
     """
     import torch.multiprocessing as mp
 
+    for name, value, least in (("meta_batch_size", meta_batch_size, 1), ("iterations", iterations, 1),
+                               ("warmup", warmup, 0), ("inner_steps", inner_steps, 0), ("threads", threads, 1),
+                               ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    bad = [w for w in world_sizes if isinstance(w, bool) or not isinstance(w, int) or w < 1]
+    if bad or not world_sizes:
+        raise ValueError(f"world_sizes must be ints >= 1, got {list(world_sizes)!r}")
     rows = []
     mpctx = mp.get_context("spawn")
     for w in world_sizes:

@@ -295,13 +295,21 @@ def meta_step(
         # One all-reduce: .grad := gradient of the mean over all ranks' tasks, and the means
         # over all ranks' tasks (so every rank stops together on a non-finite loss).
         means = sync.all_reduce_grads(maml.parameters(), int(out.query_loss.shape[0]), means=means)
-    loss_value = float(means[0])
-    if not math.isfinite(loss_value):
-        raise NonFiniteLossError(iteration, loss_value, checkpoint)
+    values = _host_floats(means)  # the one host sync of the step
+    if not math.isfinite(values[0]):
+        raise NonFiniteLossError(iteration, values[0], checkpoint)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in maml.parameters() if p.grad is not None], grad_clip)
     outer.step()
-    return StepStats(*(float(m) for m in means))
+    return StepStats(*values)
+
+
+def _host_floats(values: Sequence[Tensor | float]) -> list[float]:
+    """Python floats of 0-dim tensors (all on one device) and floats, with one device-to-host
+    copy for all the tensors instead of one sync each."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    host = iter(torch.stack([t.to(torch.float64) for t in tensors]).tolist() if tensors else [])
+    return [next(host) if isinstance(v, Tensor) else float(v) for v in values]
 
 
 def task_chunks(source: Any, n: int, chunk: int, seed: int, device: torch.device) -> Iterator[TaskBatch]:

@@ -247,6 +247,21 @@ def test_errors_config_disagreement_and_indivisible_batch(tmp_path: Path) -> Non
     assert msgs[0] == msgs[1]
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"world_sizes": (1, 0)}, "world_sizes must be ints >= 1, got [1, 0]"),
+    ({"world_sizes": ()}, "world_sizes must be ints >= 1, got []"),
+    ({"iterations": 0}, "iterations must be an int >= 1, got 0"),
+    ({"warmup": -1}, "warmup must be an int >= 0, got -1"),
+    ({"threads": 0}, "threads must be an int >= 1, got 0"),
+])
+def test_bench_distributed_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    from metaopt.distributed import benchmark
+
+    with pytest.raises(ValueError) as e:
+        benchmark(**kwargs)
+    assert message in str(e.value)
+
+
 def test_bench_distributed_smoke(tmp_path: Path) -> None:
     import importlib.util
 

@@ -240,16 +240,18 @@ def measure_peak_tflops(device: str | torch.device, repeats: int = 5) -> tuple[f
 
     device = torch.device(device)
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def best(fn: Callable[[], Any], flops: float) -> float:
         fn()  # warm-up: oneDNN/cuBLAS pick their kernels here
         times = []
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             times.append(time.perf_counter() - t0)
         return flops / min(times) / 1e12
 

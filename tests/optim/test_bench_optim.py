@@ -30,6 +30,18 @@ def test_bench_optim_smoke(capsys):
     assert "[S1 loop] adafactor" in out and "x sgd" in out and "[S1 vmap] adafactor_hf" in out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "vamp"], "unknown mode 'vamp'; known: loop, vmap"),
+    (["--workloads", "S9"], "unknown workload 'S9'"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--tasks", "0"], "--tasks must be >= 1, got 0"),
+])
+def test_bench_optim_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _load_bench().main(argv)
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compiled_step_gives_the_eager_meta_gradient():
     # AOTAutograd has no double backward, but second-order MAML only backpropagates once
