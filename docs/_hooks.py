@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mkdocs.config.defaults import MkDocsConfig
-from mkdocs.structure.files import File, Files
+if TYPE_CHECKING:  # mkdocs is imported where it is used, so tests can load this file without it
+    from mkdocs.config.defaults import MkDocsConfig
+    from mkdocs.structure.files import Files
 
 _ROOT = Path(__file__).resolve().parents[1]
 _DIRECTIVE = re.compile(r"^:::\s+([\w.]+)", re.MULTILINE)
@@ -57,6 +58,8 @@ def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
 
 
 def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
+    from mkdocs.structure.files import File
+
     missing = _missing(config)
     if missing:
         blocks = "\n".join(f"::: {m}\n" for m in missing)
