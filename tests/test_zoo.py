@@ -337,3 +337,13 @@ def test_resnet12_second_order_maml_step_on_omniglot_lowers_the_meta_loss(omnigl
     outer.step()
     after = maml.meta_loss(batch, before=False).loss
     assert after < out.loss - 1e-4, (float(out.loss), float(after))
+
+
+def test_resnet12_config_model_section_builds_through_the_registry() -> None:
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/omniglot_5w1s_resnet12.yaml").read_text())
+    spec = dict(cfg["model"])
+    net = models.get(spec.pop("name"), ways=cfg["task"]["ways"], **spec)
+    assert isinstance(net, ResNet12) and net.head.out_features == 5
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
