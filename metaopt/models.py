@@ -585,8 +585,12 @@ class TransformerClassifier(nn.Module):
         torch.Size([10, 5])
 
     Note:
-        The encoder layers hold ``nn.LayerNorm`` and attention, which the MAML engine's
-        ``vmap`` path must support; the per-task loop (``vectorize=False``) is exact.
+        Second-order MAML differentiates attention twice. On CPU, torch's default
+        ``scaled_dot_product_attention`` kernel (flash attention) has no double backward:
+        run the meta-loss and its backward under
+        ``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])``. The encoder layers also hold
+        ``nn.LayerNorm``, which the engine's ``vmap`` path must support; the per-task loop
+        (``MAML(..., vectorize=False)``) is exact.
     """
 
     def __init__(
