@@ -235,7 +235,17 @@ def _tiny(name: str) -> tuple[nn.Module, TaskBatch, Callable]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
     T, n = 2, 6  # tasks, examples per set
-    if name == "resnet12":
+    if name == "mlp":
+        model = models.MLP(1, (8, 8), 1)
+        xs, xq = (torch.rand(T, n, 1, generator=g, dtype=DT) * 4 - 2 for _ in range(2))
+        ys, yq = torch.sin(xs), torch.sin(xq)
+        loss = F.mse_loss
+    elif name == "conv4":
+        model = models.Conv4(ways=3, hidden=4, image_size=16)
+        xs, xq = (torch.rand(T, n, 1, 16, 16, generator=g, dtype=DT) for _ in range(2))
+        ys, yq = (torch.arange(n).remainder(3).expand(T, n) for _ in range(2))
+        loss = F.cross_entropy
+    elif name == "resnet12":
         model = ResNet12(ways=3, width=0.0625)  # 4-10-20-40 channels
         xs, xq = (torch.rand(T, n, 1, 16, 16, generator=g, dtype=DT) for _ in range(2))
         ys, yq = (torch.arange(n).remainder(3).expand(T, n) for _ in range(2))
@@ -292,7 +302,7 @@ INNER = {
 
 
 @pytest.mark.parametrize("inner", sorted(INNER))
-@pytest.mark.parametrize("name", ["resnet12", "transformer", "lstm"])
+@pytest.mark.parametrize("name", models.names())
 def test_second_order_meta_gradient_matches_finite_differences(name: str, inner: str) -> None:
     model, batch, loss_fn = _tiny(name)
     maml = MAML(model, INNER[inner](), inner_steps=2, loss_fn=loss_fn, vectorize=_vectorize(name))
