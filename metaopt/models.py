@@ -410,6 +410,18 @@ class ResBlock12(nn.Module):
     MetaOptNet. The final LeakyReLU runs after the max-pool: the same function and the same
     derivatives of every order (LeakyReLU is strictly increasing, so it commutes with max
     and the pool picks the same entry), on a quarter of the elements.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        drop_rate: dropout (or DropBlock) rate after the pool, in training mode only.
+        dropblock_size: DropBlock's block side; 0 uses plain dropout.
+        track_running_stats: running-statistics buffers in the batch norms.
+
+    Example:
+        >>> import torch
+        >>> ResBlock12(3, 8)(torch.zeros(2, 3, 28, 28)).shape   # (N, C_out, H // 2, W // 2)
+        torch.Size([2, 8, 14, 14])
     """
 
     def __init__(
