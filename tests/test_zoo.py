@@ -329,9 +329,14 @@ def test_resnet12_vmap_meta_gradient_equals_the_loop() -> None:
 
 
 @pytest.fixture(scope="module")
-def omniglot_val(omniglot_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Omniglot:
-    return Omniglot(omniglot_root, ways=5, shots=1, queries=15, split="val",
-                    cache_dir=tmp_path_factory.mktemp("zoo-omniglot"))
+def omniglot_val(
+    omniglot_root: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Omniglot:
+    # The same cache folder as tests/tasks (pytest's cache, kept between runs), so the
+    # split is decoded once; a temporary folder when the cache plugin is off.
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("metaopt-omniglot")) if cache is not None else tmp_path_factory.mktemp("zoo-omniglot")
+    return Omniglot(omniglot_root, ways=5, shots=1, queries=15, split="val", cache_dir=folder)
 
 
 def test_resnet12_second_order_maml_step_on_omniglot_lowers_the_meta_loss(omniglot_val: Omniglot) -> None:
