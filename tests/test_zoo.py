@@ -209,11 +209,12 @@ def test_resnet12_regularisation_is_off_by_default_and_only_in_training() -> Non
 # ----------------------------------------------------------------------------- MAML: exact meta-gradients
 
 
-# Engine limits as of this branch: the vmap path is wrong for LayerNorm and fails for
-# nn.LSTM, and torch's fused attention kernels have no double backward under vmap. So the
-# sequence models run on the per-task loop with the math attention kernel. When the engine
-# handles them, delete the entries here (tests then use vectorize="auto") and the
-# sdpa_kernel context below.
+# Workarounds, in one place so they can be dropped. As of this branch the engine's vmap
+# path is wrong for LayerNorm (transformer meta-gradient off by ~1e-2) and raises for
+# nn.LSTM, so the sequence models run on the per-task loop; and on CPU torch's default
+# attention kernel (flash) has no double backward at all (loop included), so second-order
+# MAML through attention needs the math kernel. When the engine handles these, empty
+# _LOOP_ONLY (tests then use vectorize="auto") and drop the sdpa_kernel context below.
 _LOOP_ONLY = {"transformer", "lstm"}
 
 
