@@ -1,8 +1,20 @@
-"""Models of the MAML paper as plain ``nn.Module``s: :class:`MLP` (sinusoid regression) and
-:class:`Conv4` (Omniglot), plus the hand-written :class:`BatchNorm` that Conv4 uses.
+"""The model zoo, as plain ``nn.Module``s: the MAML paper's :class:`MLP` (sinusoid
+regression) and :class:`Conv4` (Omniglot), the few-shot backbone :class:`ResNet12`, a small
+:class:`TransformerClassifier` and an :class:`LSTMRegressor` for sequence tasks, the
+hand-written :class:`BatchNorm` that the conv nets use, and a registry that builds any of
+them by name for configs (:func:`get`, :func:`names`, :func:`register`).
 
 Nothing here knows about meta-learning: :class:`metaopt.MAML` runs any ``nn.Module`` at
 other parameters with :func:`torch.func.functional_call`.
+
+Example:
+    >>> import torch
+    >>> from metaopt import models
+    >>> models.names()
+    ['conv4', 'lstm', 'mlp', 'resnet12', 'transformer']
+    >>> net = models.get("resnet12", ways=5, width=0.25)
+    >>> net(torch.zeros(2, 1, 28, 28)).shape   # (examples, ways)
+    torch.Size([2, 5])
 
 Why a hand-written batch norm: under :func:`torch.func.vmap`, second-order gradients
 through ``torch.nn.functional.batch_norm`` are wrong in torch 2.13 (about 6e-3 relative
@@ -15,14 +27,19 @@ exact under ``vmap``, whenever it runs inside a ``torch.func`` transform; on pla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchNorm", "MLP", "Conv4", "batch_norm", "max_pool2x2"]
+from metaopt._registry import Registry
+
+__all__ = [
+    "BatchNorm", "MLP", "Conv4", "ResNet12", "ResBlock12", "TransformerClassifier", "LSTMRegressor",
+    "batch_norm", "max_pool2x2", "drop_block", "get", "names", "register", "unregister", "factory",
+]
 
 
 class BatchNorm(nn.Module):
@@ -330,3 +347,442 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))  # (N, hidden*side*side) -> (N, ways)
+
+
+# ----------------------------------------------------------------------------- ResNet-12
+
+
+def _check_positive_int(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive int but is: {v!r}")
+
+
+def _check_probability(name: str, v: Any) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} should be in [0, 1) but is: {v!r}")
+
+
+def drop_block(x: Tensor, p: float, block_size: int, training: bool = True) -> Tensor:
+    """DropBlock (Ghiasi et al. 2018): zero random ``block_size`` x ``block_size`` squares of
+    each feature map, rescaling the rest so the expected sum is kept.
+
+    As in MetaOptNet/learn2learn's ResNet-12: block seeds are Bernoulli(``gamma``) over the
+    ``(H - b + 1) x (W - b + 1)`` positions where a whole block fits, with
+    ``gamma = p / b**2 * H * W / ((H - b + 1) * (W - b + 1))`` so that about a fraction
+    ``p`` of the units is dropped; the output is ``x * mask * mask.numel() / mask.sum()``.
+    ``b`` is clipped to the feature map's size. Identity when not ``training`` or ``p == 0``.
+    Draws from torch's global generator (under ``vmap`` use ``randomness="different"``, as
+    :class:`metaopt.MAML` does).
+
+    Args:
+        x: ``(N, C, H, W)``.
+        p: fraction of units to drop, in [0, 1).
+        block_size: side ``b`` of the dropped squares (>= 1).
+        training: drop only when true.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, 3, 8, 8)
+        >>> torch.equal(drop_block(x, 0.3, 3, training=False), x)
+        True
+        >>> drop_block(x, 0.3, 3).shape
+        torch.Size([2, 3, 8, 8])
+    """
+    if not training or p == 0.0:
+        return x
+    N, C, H, W = x.shape
+    b = min(block_size, H, W)
+    gamma = p / b**2 * (H * W) / ((H - b + 1) * (W - b + 1))
+    seeds = torch.bernoulli(torch.full((N, C, H - b + 1, W - b + 1), min(gamma, 1.0), dtype=x.dtype, device=x.device))
+    # A seed at (i, j) covers [i, i + b) x [j, j + b): pad by b - 1 on every side and take
+    # the b x b max (stride 1), which is (H, W) again.
+    blocks = F.max_pool2d(F.pad(seeds, (b - 1, b - 1, b - 1, b - 1)), b, stride=1)
+    mask = 1.0 - blocks  # (N, C, H, W), no gradient: a constant for autograd
+    return x * mask * (mask.numel() / mask.sum().clamp_min(1.0))
+
+
+class ResBlock12(nn.Module):
+    """One ResNet-12 block: 3x (conv 3x3 -> :class:`BatchNorm` -> LeakyReLU(0.1)), the last
+    activation after adding a (conv 1x1 -> BatchNorm) shortcut, then a 2x2 max-pool.
+
+    ``(N, in_channels, H, W) -> (N, out_channels, H // 2, W // 2)``. Convolutions have no
+    bias (each is followed by a batch norm, whose shift makes a bias redundant), as in
+    MetaOptNet. The final LeakyReLU runs after the max-pool: the same function and the same
+    derivatives of every order (LeakyReLU is strictly increasing, so it commutes with max
+    and the pool picks the same entry), on a quarter of the elements.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        drop_rate: dropout (or DropBlock) rate after the pool, in training mode only.
+        dropblock_size: DropBlock's block side; 0 uses plain dropout.
+        track_running_stats: running-statistics buffers in the batch norms.
+
+    Example:
+        >>> import torch
+        >>> ResBlock12(3, 8)(torch.zeros(2, 3, 28, 28)).shape   # (N, C_out, H // 2, W // 2)
+        torch.Size([2, 8, 14, 14])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        drop_rate: float = 0.0,
+        dropblock_size: int = 0,
+        track_running_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        bn = {"track_running_stats": track_running_stats}
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = BatchNorm(out_channels, **bn)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm(out_channels, **bn)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn3 = BatchNorm(out_channels, **bn)
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), BatchNorm(out_channels, **bn)
+        )
+        self.drop_rate = drop_rate
+        self.dropblock_size = dropblock_size  # 0: plain dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)  # (N, C_out, H, W)
+        out = F.leaky_relu(self.bn2(self.conv2(out)), 0.1)
+        out = self.bn3(self.conv3(out)) + self.shortcut(x)
+        out = F.leaky_relu(max_pool2x2(out), 0.1)  # (N, C_out, H // 2, W // 2)
+        if self.drop_rate > 0.0:
+            if self.dropblock_size > 0:
+                out = drop_block(out, self.drop_rate, self.dropblock_size, self.training)
+            else:
+                out = F.dropout(out, self.drop_rate, self.training)
+        return out
+
+
+class ResNet12(nn.Module):
+    """ResNet-12, the few-shot backbone of TADAM and MetaOptNet, with a linear head.
+
+    Four :class:`ResBlock12` blocks of ``(64, 160, 320, 640)`` channels times ``width``
+    (each: 3x conv 3x3 -> batch norm -> LeakyReLU(0.1) with a 1x1-conv + batch-norm
+    shortcut, then a 2x2 max-pool), a global average pool and a linear head. Shapes::
+
+        Omniglot:     (N, 1, 28, 28) -> (N, 640w, 1, 1) -> (N, 640w) -> (N, ways)
+        miniImageNet: (N, 3, 84, 84) -> (N, 640w, 5, 5) -> (N, 640w) -> (N, ways)
+
+    At ``width=1`` with 3 input channels and a 5-way head it has 12,427,525 parameters
+    (12,424,320 in the blocks, as MetaOptNet's and learn2learn's ResNet12; 3,205 in the head).
+
+    The batch norms are :class:`BatchNorm` (batch statistics, no running stats by default,
+    like :class:`Conv4`), so second-order MAML is exact on both the per-task loop and the
+    ``vmap`` path; the pools are :func:`max_pool2x2`. Parameters are named
+    ``blocks.{0..3}.conv{1,2,3}.weight``, ``blocks.{0..3}.bn{1,2,3}.{weight,bias}``,
+    ``blocks.{0..3}.shortcut.{0,1}...``, ``head.{weight,bias}``.
+
+    Args:
+        ways: number of classes (output size).
+        in_channels: input channels (1 for Omniglot, 3 for miniImageNet).
+        width: channel multiplier; block ``i`` has ``max(1, round(c_i * width))`` channels
+            (``width=0.25`` gives 16-40-80-160, small enough for CPU tests).
+        drop_rate: regularisation after each block, off by default: dropout in blocks 1-2
+            and :func:`drop_block` in blocks 3-4 (MetaOptNet uses 0.1); only in training
+            mode (``MAML`` keeps the model's mode for dropout).
+        dropblock_size: DropBlock's block side in blocks 3-4 (5 in MetaOptNet); 0 uses
+            plain dropout there too.
+        track_running_stats: give the batch norms running-statistics buffers (default
+            ``False``; see :class:`BatchNorm`).
+
+    Example:
+        >>> import torch
+        >>> net = ResNet12(ways=5, in_channels=3, width=0.25)
+        >>> x = torch.zeros(4, 3, 84, 84)         # (examples, channels, height, width)
+        >>> net(x).shape                            # (examples, ways)
+        torch.Size([4, 5])
+        >>> sum(p.numel() for p in ResNet12(5, in_channels=3).parameters())
+        12427525
+
+    Reference:
+        Oreshkin, Rodriguez & Lacoste, "TADAM", NeurIPS 2018; Lee et al., "Meta-Learning
+        with Differentiable Convex Optimization" (MetaOptNet), CVPR 2019; learn2learn's
+        ``ResNet12``.
+
+    Differences from the reference:
+        Batch statistics always (MAML's transductive setting; MetaOptNet's BatchNorm2d
+        tracks running stats). Global average pooling for any input size (MetaOptNet:
+        ``AvgPool2d(5)``, i.e. 84x84 inputs only). DropBlock's rate is constant, not
+        ramped up over training, and there is no dropout before the head.
+    """
+
+    #: Channels of the four blocks at ``width=1``.
+    CHANNELS = (64, 160, 320, 640)
+
+    def __init__(
+        self,
+        ways: int,
+        in_channels: int = 1,
+        width: float = 1.0,
+        *,
+        drop_rate: float = 0.0,
+        dropblock_size: int = 5,
+        track_running_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("ways", ways)
+        _check_positive_int("in_channels", in_channels)
+        if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
+            raise ValueError(f"width should be > 0 but is: {width!r}")
+        _check_probability("drop_rate", drop_rate)
+        if not isinstance(dropblock_size, int) or isinstance(dropblock_size, bool) or dropblock_size < 0:
+            raise ValueError(f"dropblock_size must be an int >= 0 but is: {dropblock_size!r}")
+        chans = [in_channels] + [max(1, round(c * width)) for c in self.CHANNELS]
+        self.blocks = nn.Sequential(
+            *(
+                ResBlock12(
+                    a, b, drop_rate=drop_rate, dropblock_size=dropblock_size if i >= 2 else 0,
+                    track_running_stats=track_running_stats,
+                )
+                for i, (a, b) in enumerate(zip(chans[:-1], chans[1:]))
+            )
+        )
+        self.head = nn.Linear(chans[-1], ways)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Conv2d):  # MetaOptNet's init
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] < 16 or x.shape[-2] < 16:
+            raise ValueError(
+                f"ResNet12 expects images (N, C, H, W) with H, W >= 16 (four 2x2 max-pools) "
+                f"but got shape {tuple(x.shape)}"
+            )
+        feats = self.blocks(x)  # (N, 640w, H // 16, W // 16)
+        return self.head(feats.mean((2, 3)))  # global average pool -> (N, ways)
+
+
+# ----------------------------------------------------------------------------- sequence models
+
+
+class TransformerClassifier(nn.Module):
+    """A small transformer-encoder classifier for sequence few-shot tasks.
+
+    Tokens (``vocab_size``) or feature vectors (``input_dim``) are embedded to ``d_model``,
+    a learned positional embedding is added, ``num_layers`` ``nn.TransformerEncoderLayer``
+    (``batch_first=True``, post-norm, ReLU) run, the outputs are mean-pooled over the
+    sequence and a linear head gives the logits. Shapes::
+
+        tokens   (N, L) int64          -> (N, L, d_model) -> (N, d_model) -> (N, num_classes)
+        features (N, L, input_dim) float -> (N, L, d_model) -> ...
+
+    Give exactly one of ``vocab_size`` and ``input_dim``. Parameters are named
+    ``embed.weight`` (``embed.bias`` for features), ``pos``, ``encoder.layers.{i}...``
+    (torch's names), ``head.{weight,bias}``.
+
+    Args:
+        num_classes: output size (ways).
+        vocab_size: number of token ids, for ``(N, L)`` integer inputs.
+        input_dim: feature size, for ``(N, L, input_dim)`` float inputs.
+        d_model: model width.
+        nhead: attention heads (must divide ``d_model``).
+        num_layers: encoder layers.
+        max_len: longest sequence accepted (rows of the positional embedding).
+        dim_feedforward: hidden size of each layer's MLP; default ``4 * d_model``.
+        dropout: dropout inside the encoder layers; default 0 (torch's default is 0.1),
+            so that adaptation is deterministic.
+
+    Example:
+        >>> import torch
+        >>> net = TransformerClassifier(num_classes=5, vocab_size=20, d_model=16, nhead=2)
+        >>> tokens = torch.randint(0, 20, (10, 7))        # (examples, seq)
+        >>> net(tokens).shape                              # (examples, num_classes)
+        torch.Size([10, 5])
+
+    Note:
+        Second-order MAML differentiates attention twice. On CPU, torch's default
+        ``scaled_dot_product_attention`` kernel (flash attention) has no double backward:
+        run the meta-loss and its backward under
+        ``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])``. The encoder layers also hold
+        ``nn.LayerNorm``, which the engine's ``vmap`` path must support; the per-task loop
+        (``MAML(..., vectorize=False)``) is exact.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        vocab_size: int | None = None,
+        input_dim: int | None = None,
+        d_model: int = 64,
+        nhead: int = 4,
+        num_layers: int = 2,
+        max_len: int = 128,
+        *,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (vocab_size is None) == (input_dim is None):
+            raise ValueError(
+                f"give exactly one of vocab_size and input_dim but got vocab_size={vocab_size!r}, "
+                f"input_dim={input_dim!r}"
+            )
+        for name, v in (("num_classes", num_classes), ("d_model", d_model), ("nhead", nhead),
+                        ("num_layers", num_layers), ("max_len", max_len)):
+            _check_positive_int(name, v)
+        if d_model % nhead:
+            raise ValueError(f"nhead must divide d_model={d_model} but is: {nhead}")
+        if dim_feedforward is None:
+            dim_feedforward = 4 * d_model
+        _check_positive_int("dim_feedforward", dim_feedforward)
+        _check_probability("dropout", dropout)
+        self.tokens = vocab_size is not None
+        if vocab_size is not None:
+            _check_positive_int("vocab_size", vocab_size)
+            self.embed: nn.Module = nn.Embedding(vocab_size, d_model)
+        else:
+            _check_positive_int("input_dim", input_dim)
+            self.embed = nn.Linear(input_dim, d_model)  # type: ignore[arg-type]
+        self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)  # (max_len, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, batch_first=True
+        )
+        # enable_nested_tensor=False: no fast path that needs the model in eval mode anyway,
+        # and no warning about it.
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        want = 2 if self.tokens else 3
+        if x.dim() != want or x.shape[1] > self.pos.shape[0]:
+            shape = "(N, L) token ids" if self.tokens else "(N, L, input_dim) features"
+            raise ValueError(
+                f"TransformerClassifier expects {shape} with L <= max_len={self.pos.shape[0]} "
+                f"but got shape {tuple(x.shape)}"
+            )
+        h = self.embed(x) + self.pos[: x.shape[1]]  # (N, L, d_model)
+        h = self.encoder(h)  # (N, L, d_model)
+        return self.head(h.mean(1))  # mean over the sequence -> (N, num_classes)
+
+
+class LSTMRegressor(nn.Module):
+    """An LSTM over each example's sequence, then a linear map of its last hidden state.
+
+    ``(N, L, input_dim) -> nn.LSTM(batch_first=True) -> (N, L, hidden) -> last step
+    (N, hidden) -> (N, output_dim)``: one prediction per sequence, e.g. the next value of a
+    sinusoid from its first ``L`` samples. Parameters are named ``lstm.weight_ih_l0``, ...
+    (torch's names) and ``head.{weight,bias}``.
+
+    Args:
+        input_dim: features per time step (1 for a scalar series).
+        hidden: LSTM hidden size.
+        output_dim: prediction size.
+        num_layers: stacked LSTM layers.
+
+    Example:
+        >>> import torch
+        >>> net = LSTMRegressor(input_dim=1, hidden=16, output_dim=1)
+        >>> net(torch.zeros(10, 8, 1)).shape   # (examples, seq, features) -> (examples, 1)
+        torch.Size([10, 1])
+
+    Note:
+        The MAML engine's ``vmap`` path must support ``nn.LSTM``; the per-task loop
+        (``vectorize=False``) is exact.
+    """
+
+    def __init__(self, input_dim: int = 1, hidden: int = 40, output_dim: int = 1, num_layers: int = 1) -> None:
+        super().__init__()
+        for name, v in (("input_dim", input_dim), ("hidden", hidden), ("output_dim", output_dim),
+                        ("num_layers", num_layers)):
+            _check_positive_int(name, v)
+        self.lstm = nn.LSTM(input_dim, hidden, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden, output_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[2] != self.lstm.input_size:
+            raise ValueError(
+                f"LSTMRegressor expects (N, L, {self.lstm.input_size}) sequences but got shape {tuple(x.shape)}"
+            )
+        out, _ = self.lstm(x)  # (N, L, hidden)
+        return self.head(out[:, -1])  # last step -> (N, output_dim)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _builtins(reg: Registry[nn.Module]) -> None:
+    reg.register("mlp", MLP)
+    reg.register("conv4", Conv4)
+    reg.register("resnet12", ResNet12)
+    reg.register("transformer", TransformerClassifier)
+    reg.register("lstm", LSTMRegressor)
+
+
+_MODELS: Registry[nn.Module] = Registry("model", _builtins)
+
+
+def register(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Register ``factory(**kwargs) -> nn.Module`` under ``name`` (lower case), replacing
+    any model of that name.
+
+    Example:
+        >>> from torch import nn
+        >>> register("tiny_linear", lambda ways=5: nn.Linear(4, ways))
+        >>> get("tiny_linear", ways=3).out_features
+        3
+        >>> unregister("tiny_linear")
+    """
+    _MODELS.register(name, factory, replace=True)
+
+
+def unregister(name: str) -> None:
+    """Remove the model registered under ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    _MODELS.unregister(name)
+
+
+def names() -> list[str]:
+    """Sorted list of the registered model names.
+
+    Example:
+        >>> names()
+        ['conv4', 'lstm', 'mlp', 'resnet12', 'transformer']
+    """
+    return _MODELS.names()
+
+
+def factory(name: str) -> Callable[..., nn.Module]:
+    """The factory (usually the class) registered under ``name`` (case-insensitive), not
+    called; a config layer can read its signature to validate keys.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+
+    Example:
+        >>> factory("ResNet12") is ResNet12
+        True
+    """
+    return _MODELS.factory(name)
+
+
+def get(name: str, **kwargs: Any) -> nn.Module:
+    """Build the model registered under ``name`` with ``kwargs`` (the constructor's names).
+
+    Args:
+        name: one of :func:`names` (case-insensitive): ``"mlp"`` (:class:`MLP`), ``"conv4"``
+            (:class:`Conv4`), ``"resnet12"`` (:class:`ResNet12`), ``"transformer"``
+            (:class:`TransformerClassifier`), ``"lstm"`` (:class:`LSTMRegressor`).
+        **kwargs: the model's constructor arguments.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones), an unknown keyword,
+            or a bad value (raised by the constructor).
+
+    Example:
+        >>> get("conv4", ways=5, hidden=32).head
+        Linear(in_features=32, out_features=5, bias=True)
+        >>> get("vgg")
+        Traceback (most recent call last):
+        ValueError: Unknown model name: 'vgg'; known names: conv4, lstm, mlp, resnet12, transformer
+    """
+    return _MODELS.get(name, **kwargs)
