@@ -32,6 +32,21 @@ def unregister(name: str) -> None:
     _TASKS.unregister(name)
 
 
+def factory(name: str) -> Callable[..., Any]:
+    """The factory registered under ``name`` (case-insensitive), not called; configs read
+    its signature to check the ``task`` section's keys.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+
+    Example:
+        >>> from metaopt.tasks import Sinusoid, factory
+        >>> factory("sinusoid") is Sinusoid
+        True
+    """
+    return _TASKS.factory(name)
+
+
 def names() -> list[str]:
     """Sorted list of the registered task names."""
     return _TASKS.names()
