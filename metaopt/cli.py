@@ -19,7 +19,7 @@ from metaopt.checks import ConfigError, check_int
 from metaopt.distributed import is_main_process, same_on_every_rank
 from metaopt.loop import NonFiniteLossError, format_metric
 from metaopt.rundir import CheckpointError
-from metaopt.train import Trainer, TrainingInterrupted, make_resumed_trainer
+from metaopt.train import Trainer, TrainingInterrupted, evaluate_run, make_resumed_trainer
 
 EPILOG = """\
 examples:
