@@ -143,7 +143,7 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
         ConfigError: unknown name, listing the known ones.
     """
     if name not in _MODELS:
-        raise ConfigError(f"config key 'model.name' should be one of {', '.join(model_names())} but is: {name!r}")
+        raise ConfigError(f"model.name should be one of {', '.join(model_names())} but is: {name!r}")
     return _MODELS[name]
 
 

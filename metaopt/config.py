@@ -264,19 +264,20 @@ def resolve(data: Mapping[str, Any]) -> Config:
                 raise ConfigError(
                     f"unknown config key {name!r}; known keys of {section!r}: {', '.join(fields)}"
                 )
-    _check_task(cfg)
+    _check_task(cfg, set(data.get("task") or {}))
     _check_inner(cfg["inner"])
     _check_outer(cfg["outer"])
     return cfg
 
 
-def _check_task(cfg: Config) -> None:
+def _check_task(cfg: Config, given: set[str]) -> None:
     """The task's and model's constructor arguments; fills ``model.name: auto`` and
     ``inner.eval_steps: null``.
 
     Keys of the ``task`` section besides ``name`` go to the task's constructor
     (``metaopt.tasks.get``); a key the constructor does not take must be null (``root``
-    may be set: a task without data files ignores it). The model must be one the task
+    may be set: a task without data files ignores it), and a default one (``shots``,
+    ``queries``) becomes null. The model must be one the task
     declares (its ``models`` attribute; the first is ``auto``).
     """
     task, model = cfg["task"], cfg["model"]
@@ -285,7 +286,7 @@ def _check_task(cfg: Config) -> None:
         factory = tasks_mod.factory(name)
     except ValueError:
         raise ConfigError(
-            f"config key 'task.name' should be one of {', '.join(tasks_mod.names())} (or a name registered "
+            f"task.name should be one of {', '.join(tasks_mod.names())} (or a name registered "
             f"with metaopt.tasks.register) but is: {name!r}"
         ) from None
     accepted = accepted_kwargs(factory)
@@ -294,6 +295,9 @@ def _check_task(cfg: Config) -> None:
             if key == "name" or key in accepted:
                 continue
             if key in SCHEMA["task"] and (task[key] is None or key in _TASK_IGNORABLE):
+                continue
+            if key in SCHEMA["task"] and key not in given:  # a default this task does not take
+                task[key] = None
                 continue
             keys = sorted(accepted - {"split", "device"})
             raise ConfigError(f"config key 'task.{key}' is not used by task {name!r} (set it to null); "
@@ -307,7 +311,7 @@ def _check_task(cfg: Config) -> None:
     try:
         build_model = model_factory(model["name"])
     except ConfigError:
-        raise ConfigError(f"config key 'model.name' should be one of auto, {', '.join(model_names())} "
+        raise ConfigError(f"model.name should be one of auto, {', '.join(model_names())} "
                           f"but is: {model['name']!r}") from None
     _check_extra("model", model, set(SCHEMA["model"]), build_model, f"model {model['name']!r}")
     if cfg["inner"]["eval_steps"] is None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from metaopt._registry import Registry
+from metaopt.tasks.omniglot import Omniglot
+from metaopt.tasks.sinusoid import Sinusoid
 
 
 def _builtins(reg: Registry[Any]) -> None:
-    from metaopt.tasks.omniglot import Omniglot
-    from metaopt.tasks.sinusoid import Sinusoid
-
     reg.register("sinusoid", Sinusoid)
     reg.register("omniglot", Omniglot)
 
