@@ -181,7 +181,7 @@ def build_inner(cfg: Mapping[str, Any]) -> Any:
         if inner["learn_lr"]:
             raise ConfigError("config key 'inner.learn_lr' needs an explicit inner.lr to start from")
     elif inner["learn_lr"]:
-        kwargs["lr"] = nn.Parameter(torch.tensor(float(kwargs["lr"])))
+        kwargs["lr"] = nn.Parameter(torch.tensor(float(inner["lr"])))
     try:
         return optim.get(inner["name"], **kwargs)
     except (ValueError, TypeError) as e:

@@ -220,15 +220,14 @@ def _check_value(key: str, f: Field, v: Any) -> Any:
         if f.nullable:
             return None
         raise ConfigError(f"{key} should not be null (expected {f.kind}) but is: None")
-    least = None if f.min is None else (int(f.min) if f.kind == "int" else f.min)
     if f.kind == "int":
         if isinstance(v, float) and v.is_integer():
             v = int(v)
-        v = check_int(key, v, least=least, error=ConfigError)
+        v = check_int(key, v, least=None if f.min is None else int(f.min), error=ConfigError)
     elif f.kind == "float":
         if isinstance(v, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", v):
             v = float(v)
-        v = check_float(key, v, least=least, error=ConfigError)
+        v = check_float(key, v, least=f.min, error=ConfigError)
     elif f.kind in ("bool", "str") and not isinstance(v, bool if f.kind == "bool" else str):
         raise ConfigError(f"{key} should be a {f.kind} but is: {v!r}")
     elif f.kind == "list[int]":

@@ -208,26 +208,26 @@ class DistributedContext:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-        groups: dict[torch.dtype, list[Tensor]] = {}
+        groups: dict[torch.dtype, list[Tensor]] = {}  # dtype -> the gradients of that dtype
         for p in params:
             if p.grad is not None:
-                groups.setdefault(p.grad.dtype, []).append(p)
+                groups.setdefault(p.grad.dtype, []).append(p.grad)
         if not groups:
             groups[torch.float64] = []
         out: list[Tensor] = []
         for i, dtype in enumerate(sorted(groups, key=str)):  # same order on every rank
-            ps = groups[dtype]
+            grads = groups[dtype]
             extra = [float(local_tasks)]
             if i == 0:  # the means ride along in the first buffer
                 extra += [0.0 if local_tasks == 0 else float(m) * local_tasks for m in means]
-            flat = torch.cat([p.grad.reshape(-1) * local_tasks for p in ps]
+            flat = torch.cat([g.reshape(-1) * local_tasks for g in grads]
                              + [torch.tensor(extra, dtype=dtype, device=self.device)])
             dist.all_reduce(flat)
             offset = 0
-            total = flat[sum(p.grad.numel() for p in ps)]
-            for p in ps:
-                k = p.grad.numel()
-                p.grad.copy_((flat[offset:offset + k] / total).view_as(p.grad))
+            total = flat[sum(g.numel() for g in grads)]
+            for g in grads:
+                k = g.numel()
+                g.copy_((flat[offset:offset + k] / total).view_as(g))
                 offset += k
             if i == 0:
                 out = list(flat[offset + 1:] / total)
@@ -308,7 +308,7 @@ class DistributedContext:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, maml: nn.Module, batches: Iterable[Any], *, split: str = "val",
+    def evaluate(self, maml: MAML, batches: Iterable[Any], *, split: str = "val",
                  device: torch.device | None = None) -> EvalResult:
         """:func:`metaopt.loop.evaluate` with this context as the collective: each batch is
         split across ranks, per-task metrics are gathered in task order, mean and CI are

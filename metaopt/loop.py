@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from metaopt.maml import MAML
 from metaopt.stats import mean_ci
 from metaopt.tasks.base import TaskBatch, as_task_batch
 
@@ -134,7 +135,7 @@ class StepStats:
 
 
 def meta_step(
-    maml: nn.Module,
+    maml: MAML,
     outer: torch.optim.Optimizer,
     batch: TaskBatch,
     *,
@@ -248,7 +249,7 @@ def _mean_ci(values: Tensor) -> tuple[float, float | None, float | None]:
     return float(values.mean()), math.nan, math.nan
 
 
-def evaluate(maml: nn.Module, batches: Iterable[Any], *, split: str = "val", device: torch.device | None = None,
+def evaluate(maml: MAML, batches: Iterable[Any], *, split: str = "val", device: torch.device | None = None,
              sync: Collective = LOCAL) -> EvalResult:
     """Adapt to each held-out task (``eval_inner_steps``, no meta-graph) and aggregate.
 
@@ -281,6 +282,7 @@ def evaluate(maml: nn.Module, batches: Iterable[Any], *, split: str = "val", dev
         classify = out.accuracy is not None
         after = out.accuracy if out.accuracy is not None else out.query_loss
         before = out.accuracy_before if out.accuracy_before is not None else out.query_loss_before
+        assert before is not None  # before=True always measures it
         index = torch.arange(first + start, first + stop, device=after.device)
         rows.append(torch.stack([t.detach().to(torch.float64) for t in (index, after, before, out.query_loss)], 1))
     classify = sync.any(classify)

@@ -242,7 +242,7 @@ class Trainer:
         if resume:
             if self.run_dir is None:
                 raise ConfigError("resume needs a run directory")
-            self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
+            self.load_state_dict(load_checkpoint(self.run_dir / "checkpoints" / "last.pt", self.device))
 
     # ------------------------------------------------------------------ helpers
 
@@ -363,10 +363,8 @@ class Trainer:
         bar = tqdm(total=total, initial=min(self.iteration, total), disable=not t["progress"] or not self.is_main,
                    desc="meta-train", dynamic_ncols=True, file=sys.stderr)
         val: EvalResult | None = None
-        has_val = self._held_out["val"] is not None
         try:
-            if self.iteration == 0 and t["eval_every"] and has_val:
-                val = self.evaluate("val")
+            if self.iteration == 0 and t["eval_every"] and (val := self.evaluate("val")) is not None:
                 self._log(logger, {"iteration": 0, **self._val_row(val)})
             with _SigintGuard() as guard:
                 while self.iteration < total:
@@ -381,8 +379,8 @@ class Trainer:
                         self.classification = not torch.is_floating_point(batch.query[1])
                     self.iteration = it
                     row: dict[str, Any] = {}
-                    if t["eval_every"] and it % t["eval_every"] == 0 and has_val:
-                        val = self.evaluate("val")
+                    if t["eval_every"] and it % t["eval_every"] == 0 and (new := self.evaluate("val")) is not None:
+                        val = new
                         row.update(self._val_row(val))
                     self.elapsed += time.perf_counter() - started
                     if log_now or row:

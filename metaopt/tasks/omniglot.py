@@ -263,7 +263,7 @@ def _resize(ink: np.ndarray, size: int) -> Tensor:
         gray = ink[i].astype(np.uint8) * 255  # (drawings, H, W)
         for j in range(d):
             img = Image.fromarray(gray[j])  # uint8 2-D: mode "L"
-            out[i, j] = np.asarray(img if (h, w) == (size, size) else img.resize((size, size), Image.LANCZOS))
+            out[i, j] = np.asarray(img if (h, w) == (size, size) else img.resize((size, size), Image.Resampling.LANCZOS))
     return torch.from_numpy(out)
 
 
