@@ -44,7 +44,7 @@ from metaopt import optim
 from metaopt import outer as outer_mod
 from metaopt import tasks as tasks_mod
 from metaopt.build import INNER_OWN_KEYS, accepted_kwargs, model_factory, model_names
-from metaopt.checks import ConfigError, check_choice, check_float, check_int
+from metaopt.checks import ConfigError, check_choice, check_float, check_int, check_keys
 from metaopt.rundir import atomic_write
 from metaopt.tasks.base import default_models
 
@@ -318,13 +318,12 @@ def _check_task(cfg: Config, given: set[str]) -> None:
 
 
 def _check_extra(section: str, cfg: dict[str, Any], own: set[str], factory: Callable[..., Any], what: str) -> None:
+    """Every key of ``cfg`` is one of the section's own keys or an argument of ``factory``
+    (not checked when it takes ``**kwargs``; its constructor then rejects what it must)."""
     accepted = accepted_kwargs(factory)
-    if accepted is None:
-        return
-    for key in cfg:
-        if key not in own and key not in accepted:
-            known = sorted(own | (accepted - {"params", "lr"}))
-            raise ConfigError(f"unknown config key '{section}.{key}' for {what}; known keys: {', '.join(known)}")
+    if accepted is not None:
+        allowed = own | (accepted - {"params"})
+        check_keys(section, list(cfg), sorted(allowed), what, error=ConfigError)
 
 
 def _check_inner(inner: dict[str, Any]) -> None:

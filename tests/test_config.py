@@ -152,3 +152,30 @@ def test_precision_key() -> None:
 def test_omniglot_task_keys_pass_through_and_ways_defaults_to_the_constructor() -> None:
     cfg = config.resolve({"task": {"name": "omniglot", "image_size": 14, "rotations": False}})
     assert cfg["model"]["name"] == "conv4" and cfg["task"]["image_size"] == 14 and cfg["task"]["ways"] is None
+
+
+def test_inner_section_passes_every_preset_argument_through() -> None:
+    """An inner optimizer registered with torch's argument names (as the adam/rmsprop/lion
+    presets): every key it takes reaches it (lists as tuples), anything else is refused
+    with the allowed keys listed."""
+    from metaopt import optim
+    from metaopt.build import build_inner
+
+    seen: dict = {}
+
+    def adamish(lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8, amsgrad: bool = False):
+        seen.update(lr=lr, betas=betas, eps=eps, amsgrad=amsgrad)
+        return optim.SGD(lr=lr)
+
+    optim.register("adamish", adamish)
+    try:
+        cfg = config.resolve({"inner": {"name": "adamish", "lr": 0.1, "betas": [0.5, 0.9], "eps": 1e-6,
+                                        "amsgrad": True}})
+        seen.clear()
+        build_inner(cfg)
+        assert seen == {"lr": 0.1, "betas": (0.5, 0.9), "eps": 1e-6, "amsgrad": True}
+        with pytest.raises(ConfigError, match=r"^unknown config key 'inner.momentum' for inner optimizer "
+                                              r"'adamish'; allowed keys: amsgrad, betas, eps, eval_steps, "):
+            config.resolve({"inner": {"name": "adamish", "momentum": 0.9}})
+    finally:
+        optim.unregister("adamish")

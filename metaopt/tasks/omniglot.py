@@ -60,7 +60,8 @@ NPZ_SHA256 = {
     "index.json": "4329ccc0f3392b76613e0db20b0a68badb8d884f6281e281278fecca2fae6331",
 }
 DATA_DIR = Path(__file__).resolve().parent / "data"
-"""Package data: ``vinyals_split.json`` and ``index.json`` (copies of the shared files)."""
+"""Package data: ``vinyals_split.json`` (the Vinyals et al. split) and ``index.json`` (the
+row names of the NumPy copy)."""
 SPLIT_FILE = DATA_DIR / "vinyals_split.json"
 SPLIT_SHA256 = "3c9fcd1d74eaee948ff41e1e29ccbb195158ca9a65d71e3a0638aafeaff8fab8"
 SPLIT_SIZES = {"train": 1028, "val": 172, "test": 423}
