@@ -92,11 +92,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 def task_kwargs(task: Mapping[str, Any], split: str, device: torch.device) -> dict[str, Any]:
     """The constructor arguments of ``task.name`` from the ``task`` section: every key but
-    ``name`` whose value is not null (null: the constructor's default), plus ``split`` and
-    ``device`` when the constructor takes them. YAML lists become tuples."""
+    ``name`` that the constructor takes and whose value is not null (null: the
+    constructor's default), plus ``split`` and ``device`` when the constructor takes them.
+    YAML lists become tuples."""
     factory = tasks_mod.factory(task["name"])
     accepted = accepted_kwargs(factory)
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in task.items() if k != "name" and v is not None}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in task.items()
+              if k != "name" and v is not None and (accepted is None or k in accepted)}  # (root: data tasks only)
     for key, value in (("split", split), ("device", device)):
         if accepted is None or key in accepted:
             kwargs.setdefault(key, value)

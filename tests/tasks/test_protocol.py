@@ -91,3 +91,8 @@ def test_missing_omniglot_says_how_to_set_it(tmp_path: Path, monkeypatch: pytest
         build_tasks(cfg, "train", torch.device("cpu"))
     msg = str(info.value)
     assert "task.root" in msg and "METAOPT_OMNIGLOT" in msg and "shared" not in msg and "\n" not in msg
+
+
+def test_a_data_folder_is_ignored_by_tasks_without_data(linear: Any) -> None:
+    cfg = resolve({**QUICK, "task": {"name": "linear", "root": "/nowhere"}})
+    assert isinstance(build_tasks(cfg, "train", torch.device("cpu")), LinearTasks)
