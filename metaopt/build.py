@@ -42,6 +42,7 @@ __all__ = [
     "build_model",
     "build_outer",
     "build_tasks",
+    "has_splits",
     "model_factory",
     "model_names",
     "resolve_device",
@@ -103,6 +104,13 @@ def task_kwargs(task: Mapping[str, Any], split: str, device: torch.device) -> di
         if accepted is None or key in accepted:
             kwargs.setdefault(key, value)
     return kwargs
+
+
+def has_splits(name: str) -> bool:
+    """Whether the task constructor registered as ``name`` takes a ``split`` argument (else
+    one distribution serves every split, held-out tasks coming from fixed seeds)."""
+    accepted = accepted_kwargs(tasks_mod.factory(name))
+    return accepted is None or "split" in accepted
 
 
 def build_tasks(cfg: Mapping[str, Any], split: str, device: torch.device) -> Any:

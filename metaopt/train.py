@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from metaopt import config as config_mod
 from metaopt import distributed as dist_mod
-from metaopt.build import accepted_kwargs, build_maml, build_model, build_outer, build_tasks, resolve_device
+from metaopt.build import build_maml, build_model, build_outer, build_tasks, has_splits, resolve_device
 from metaopt.checks import check_int
 from metaopt.config import Config, ConfigError
 from metaopt.loop import (
@@ -56,7 +56,6 @@ from metaopt.loop import (
 from metaopt.rundir import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunLogger, load_checkpoint, save_checkpoint, write_json,
 )
-from metaopt.tasks import factory as task_factory
 from metaopt.tasks.base import eval_batches, generator_device, task_loss
 
 __all__ = [
@@ -330,10 +329,9 @@ class Trainer:
         distribution for ``split``, from a fixed seed."""
         t = self.cfg["train"]
         if split not in self._eval_tasks:
-            takes_split = (accepted_kwargs(task_factory(self.cfg["task"]["name"])) or {"split"}) >= {"split"}
             # A distribution without splits serves held-out tasks from fixed seeds.
-            self._eval_tasks[split] = (build_tasks(self.cfg, split, self.device) if takes_split
-                                       else self.train_tasks)
+            self._eval_tasks[split] = (build_tasks(self.cfg, split, self.device)
+                                       if has_splits(self.cfg["task"]["name"]) else self.train_tasks)
         count = n or (t["eval_tasks"] if split == "val" else t["test_tasks"])
         return eval_batches(self._eval_tasks[split], count, t["eval_batch_size"],
                             VAL_SEED if split == "val" else TEST_SEED, self.device)
