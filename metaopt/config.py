@@ -17,10 +17,14 @@ Unknown sections or keys and values of the wrong type are errors that name the k
 a float is expected, and so is a string that reads as a number (YAML 1.1 reads ``1e-3``
 without a dot as a string). Files are read with :func:`yaml.safe_load` only.
 
-``inner`` and ``outer`` accept, besides their fixed keys, the constructor arguments of the
-chosen optimizer (``inner.momentum`` for SGD, ``outer.weight_decay``, ``outer.betas``,
-``outer.scale_parameter`` for transformers' Adafactor, ...); anything the constructor does
-not take is rejected by name when the config is resolved.
+Every section but ``train`` also accepts the constructor arguments of what it names:
+``task`` those of the task distribution registered as ``task.name`` (``metaopt.tasks.register``
+works from a config: ``task: {name: mytask, dim: 3}``), ``model`` those of the model,
+``inner`` those of the inner optimizer (``inner.momentum`` for SGD, ``inner.betas`` for an
+Adam-like one: every argument it takes), ``outer`` those of the outer optimizer
+(``outer.weight_decay``, ``outer.scale_parameter`` for transformers' Adafactor, ...).
+Anything the constructor does not take is rejected when the config is resolved, with the
+allowed keys listed.
 
 Example:
     >>> cfg = resolve({"inner": {"lr": 0.05}, "train": {"iterations": 10}})

@@ -310,7 +310,7 @@ class SampledBatches:
     Under several processes every rank draws the full meta-batch from the same generator
     and keeps its shard (``sync.shard``), so the union of the shards is the single-process
     meta-batch and the generator state is the same on every rank. The position is the
-    generator's state (checkpointed by the trainer).
+    generator's state (checkpointed by the trainer); ``consumed`` stays 0.
     """
 
     def __init__(self, source: Any, n: int, generator: torch.Generator, device: torch.device,
@@ -342,17 +342,17 @@ class CycledBatches:
         return self
 
     def _cycle(self) -> Iterator[TaskBatch]:
-        skip = self.consumed
+        skip = self.consumed  # batches a resumed run has already trained on
         while True:
-            seen = 0
+            items = 0
             for raw in self.data:
+                items += 1
                 if skip:
                     skip -= 1
                     continue
-                seen += 1
                 batch = as_task_batch(raw).to(self.device)
                 yield batch.split(*self.sync.shard(batch.num_tasks))
-            if seen == 0 and skip == 0:
+            if items == 0:
                 raise ValueError("the training data yielded no batches")
 
     def __next__(self) -> TaskBatch:

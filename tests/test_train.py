@@ -219,3 +219,8 @@ def test_trains_without_matplotlib_and_tensorboard(tmp_path: Path, monkeypatch: 
     assert res["iteration"] == 2 and (tmp_path / "results.json").is_file()
     assert "pip install 'metaopt[plot]'" in err and "pip install 'metaopt[tensorboard]'" in err
     assert not (tmp_path / "plots").exists() and not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_empty_training_data_is_an_error() -> None:
+    with pytest.raises(ValueError, match="yielded no batches"):
+        Trainer(None, overrides=TINY + ["train.iterations=2"], data=[]).fit()
