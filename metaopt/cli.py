@@ -13,6 +13,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from metaopt import __version__, config
+from metaopt.build import resolve_device
+from metaopt.checks import ConfigError, check_int
+from metaopt.distributed import is_main_process, same_on_every_rank
+from metaopt.loop import NonFiniteLossError, format_metric
+from metaopt.rundir import CheckpointError
+from metaopt.train import Trainer, TrainingInterrupted, evaluate_run, make_resumed_trainer
+
 EPILOG = """\
 examples:
   metaopt train configs/sinusoid.yaml                       # a few minutes on a laptop CPU
@@ -46,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from metaopt import __version__
-
     parser.add_argument("--version", action="version", version=f"metaopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -107,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _describe() -> str:
-    from metaopt.config import describe
-
-    return describe()
+    return config.describe()
 
 
 def _default_out(config: str | None, prefix: str = "") -> Path:
@@ -142,9 +146,6 @@ def _bench(argv: Sequence[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from metaopt.config import ConfigError
-    from metaopt.train import Trainer, make_resumed_trainer
-
     progress = ["train.progress=false"] if args.quiet else []
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
@@ -156,14 +157,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR)")
-        from metaopt import config
-
         cfg = config.load(args.config, args.overrides + progress)  # config errors first
         out = Path(args.out) if args.out else _default_out(args.config)
         if not args.out:  # under torchrun: rank 0's clock names the run directory for all ranks
-            from metaopt.distributed import same_on_every_rank
-            from metaopt.train import resolve_device
-
             out = same_on_every_rank(out, resolve_device(args.device or cfg["train"]["device"]))
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
@@ -177,25 +173,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, run_dir: Path | None) -> None:
-    from metaopt.compare import _fmt_metric
-
     if results.get("mean") is not None:
-        print(f"test {results['metric']}: {_fmt_metric(results['metric'], results['mean'], results['ci95'])} "
+        print(f"test {results['metric']}: {format_metric(results['metric'], results['mean'], results['ci95'])} "
               f"({results['tasks']} tasks, {results.get('inner_steps')} inner steps; before adaptation "
-              f"{_fmt_metric(results['metric'], results['before']['mean'])}) at iteration {results['iteration']}")
+              f"{format_metric(results['metric'], results['before']['mean'])}) at iteration {results['iteration']}")
     if run_dir is not None:
         print(f"results: {run_dir / 'results.json'}  plots: {run_dir / 'plots'}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from metaopt.config import ConfigError
-    from metaopt.train import evaluate_run
-
-    if args.tasks < 1:
-        raise ConfigError(f"--tasks must be >= 1, got {args.tasks}")
+    check_int("--tasks", args.tasks, least=1, error=ConfigError)
     results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, steps=args.steps, device=args.device)
-    from metaopt.distributed import is_main_process
-
     if is_main_process():  # under torchrun the evaluation is sharded; rank 0 reports
         _print_results(results, None)
     return 0
@@ -214,8 +202,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from metaopt import config
-
     print(config.dump(config.load(args.config, args.overrides)), end="")
     return 0
 
@@ -226,9 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    from metaopt.config import ConfigError
-    from metaopt.train import CheckpointError, NonFiniteLossError, TrainingInterrupted
-
     commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "config": _cmd_config}
     try:
         return commands[args.command](args)

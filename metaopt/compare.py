@@ -33,7 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from metaopt import config as config_mod
 from metaopt.config import Config, ConfigError
-from metaopt.train import RESUMABLE_KEYS, Trainer, make_resumed_trainer, write_json
+from metaopt.rundir import write_json
+from metaopt.train import RESUMABLE_KEYS, Trainer, make_resumed_trainer
 
 #: The MAML paper's settings (configs/*.yaml) and its reported test accuracy (Finn et al.
 #: 2017, Table 1: mean ± 95% CI over 600 tasks); sinusoid results are reported as a figure only.

@@ -13,14 +13,18 @@ Overrides from the command line (``--set inner.lr=0.05``) are applied last; thei
 read as YAML (``20`` is an int, ``true`` a bool, ``[40, 40]`` a list, ``null`` is None).
 
 Unknown sections or keys and values of the wrong type are errors that name the key, e.g.
-``config key 'train.iterations': expected int, got str 'ten'``. Integers are accepted where
+``train.iterations should be an int >= 0 but is: 'ten'``. Integers are accepted where
 a float is expected, and so is a string that reads as a number (YAML 1.1 reads ``1e-3``
 without a dot as a string). Files are read with :func:`yaml.safe_load` only.
 
-``inner`` and ``outer`` accept, besides their fixed keys, the constructor arguments of the
-chosen optimizer (``inner.momentum`` for SGD, ``outer.weight_decay``, ``outer.betas``,
-``outer.scale_parameter`` for transformers' Adafactor, ...); anything the constructor does
-not take is rejected by name when the config is resolved.
+Every section but ``train`` also accepts the constructor arguments of what it names:
+``task`` those of the task distribution registered as ``task.name`` (``metaopt.tasks.register``
+works from a config: ``task: {name: mytask, dim: 3}``), ``model`` those of the model,
+``inner`` those of the inner optimizer (``inner.momentum`` for SGD, ``inner.betas`` for an
+Adam-like one: every argument it takes), ``outer`` those of the outer optimizer
+(``outer.weight_decay``, ``outer.scale_parameter`` for transformers' Adafactor, ...).
+Anything the constructor does not take is rejected when the config is resolved, with the
+allowed keys listed.
 
 Example:
     >>> cfg = resolve({"inner": {"lr": 0.05}, "train": {"iterations": 10}})
@@ -31,21 +35,26 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import torch
 import yaml
+
+from metaopt import optim
+from metaopt import outer as outer_mod
+from metaopt import tasks as tasks_mod
+from metaopt.build import INNER_OWN_KEYS, accepted_kwargs, model_factory, model_names
+from metaopt.checks import ConfigError, check_choice, check_float, check_int, check_keys
+from metaopt.rundir import atomic_write
+from metaopt.tasks.base import default_models
 
 Config = dict[str, dict[str, Any]]
 SECTIONS = ("task", "model", "inner", "outer", "train")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and the problem."""
+PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 
 
 @dataclass(frozen=True)
@@ -63,16 +72,15 @@ class Field:
 # Defaults: the sinusoid regression protocol of Finn et al. (2017) with a short schedule.
 SCHEMA: dict[str, dict[str, Field]] = {
     "task": {
-        "name": Field("str", "sinusoid", help="task distribution: sinusoid | omniglot"),
+        "name": Field("str", "sinusoid", help="task distribution: sinusoid | omniglot | any metaopt.tasks.register name"),
         "shots": Field("int", 10, min=1, help="support examples per class (per task for sinusoid)"),
         "queries": Field("int", 10, min=1, help="query examples per class (per task for sinusoid)"),
         "ways": Field("int", None, nullable=True, min=1, help="classes per task (omniglot)"),
         "root": Field("str", None, nullable=True,
-                      help="Omniglot folder (ignored by sinusoid); null: $METAOPT_OMNIGLOT or ../shared/data/omniglot"),
+                      help="data folder (omniglot; ignored by tasks without data); null: $METAOPT_OMNIGLOT"),
     },
     "model": {
-        "name": Field("str", "auto", choices=("auto", "mlp", "conv4"),
-                      help="auto: mlp for sinusoid, conv4 for omniglot"),
+        "name": Field("str", "auto", help="auto: the task's default (mlp for sinusoid, conv4 for omniglot)"),
         "hidden_sizes": Field("list[int]", [40, 40], help="MLP hidden widths"),
         "filters": Field("int", 64, min=1, help="Conv4 channels per block"),
     },
@@ -107,12 +115,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "tensorboard": Field("bool", True, help="write TensorBoard event files"),
         "plots": Field("bool", True, help="write plots/*.png at the end"),
         "progress": Field("bool", True, help="show a tqdm progress bar"),
+        "precision": Field("str", "fp32", choices=PRECISIONS,
+                           help="meta-step/evaluation arithmetic: fp32 | bf16 | fp16 (autocast) | tf32 (CUDA matmuls)"),
     },
 }
 
 # Keys of inner/outer that are not optimizer constructor arguments.
 _INNER_OWN = set(SCHEMA["inner"])
 _OUTER_OWN = set(SCHEMA["outer"])
+# Task keys that a task without data files may ignore (shared overrides set them for all runs).
+_TASK_IGNORABLE = {"root"}
 
 
 def defaults() -> Config:
@@ -206,38 +218,27 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def _check_value(key: str, f: Field, v: Any) -> Any:
+    """``v`` converted to ``f.kind`` (int-valued floats to int, numeric strings to float) and
+    checked against its bounds, else a one-line ``ConfigError`` in torch.optim's style."""
     if v is None:
         if f.nullable:
             return None
-        raise ConfigError(f"config key {key!r}: must not be null (expected {f.kind})")
-    bad = f"config key {key!r}: expected {f.kind}, got {type(v).__name__} {v!r}"
+        raise ConfigError(f"{key} should not be null (expected {f.kind}) but is: None")
     if f.kind == "int":
-        if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            else:
-                raise ConfigError(bad)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        v = check_int(key, v, least=None if f.min is None else int(f.min), error=ConfigError)
     elif f.kind == "float":
         if isinstance(v, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", v):
             v = float(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(bad)
-        v = float(v)
-        if not math.isfinite(v):
-            raise ConfigError(f"config key {key!r}: must be finite, got {v}")
-    elif f.kind == "bool":
-        if not isinstance(v, bool):
-            raise ConfigError(bad)
-    elif f.kind == "str":
-        if not isinstance(v, str):
-            raise ConfigError(bad)
+        v = check_float(key, v, least=f.min, error=ConfigError)
+    elif f.kind in ("bool", "str") and not isinstance(v, bool if f.kind == "bool" else str):
+        raise ConfigError(f"{key} should be a {f.kind} but is: {v!r}")
     elif f.kind == "list[int]":
         if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
-            raise ConfigError(f"config key {key!r}: expected a non-empty list of positive ints, got {v!r}")
-    if f.min is not None and isinstance(v, (int, float)) and v < f.min:
-        raise ConfigError(f"config key {key!r}: must be >= {f.min:g}, got {v}")
-    if f.choices is not None and v not in f.choices:
-        raise ConfigError(f"config key {key!r}: must be one of {', '.join(f.choices)}, got {v!r}")
+            raise ConfigError(f"{key} should be a non-empty list of ints >= 1 but is: {v!r}")
+    if f.choices is not None:
+        check_choice(key, v, f.choices, error=ConfigError)
     return v
 
 
@@ -257,7 +258,7 @@ def resolve(data: Mapping[str, Any]) -> Config:
             raise ConfigError(f"config section {section!r} must be a mapping, got {type(body).__name__}")
     cfg = merge(defaults(), {s: dict(b or {}) for s, b in data.items()})
     for section, fields in SCHEMA.items():
-        extra_ok = section in ("inner", "outer")
+        extra_ok = section != "train"  # constructor arguments, checked against the constructor below
         for key in list(cfg[section]):
             name = f"{section}.{key}"
             if key in fields:
@@ -266,65 +267,70 @@ def resolve(data: Mapping[str, Any]) -> Config:
                 raise ConfigError(
                     f"unknown config key {name!r}; known keys of {section!r}: {', '.join(fields)}"
                 )
-    _check_task(cfg)
+    _check_task(cfg, set(data.get("task") or {}))
     _check_inner(cfg["inner"])
     _check_outer(cfg["outer"])
     return cfg
 
 
-TASKS = ("sinusoid", "omniglot")
+def _check_task(cfg: Config, given: set[str]) -> None:
+    """The task's and model's constructor arguments; fills ``model.name: auto`` and
+    ``inner.eval_steps: null``.
 
-
-def _check_task(cfg: Config) -> None:
-    """Task-dependent rules; fills ``model.name: auto`` and ``inner.eval_steps: null``."""
-    task = cfg["task"]
+    Keys of the ``task`` section besides ``name`` go to the task's constructor
+    (``metaopt.tasks.get``); a key the constructor does not take must be null (``root``
+    may be set: a task without data files ignores it), and a default one (``shots``,
+    ``queries``) becomes null. The model must be one the task
+    declares (its ``models`` attribute; the first is ``auto``).
+    """
+    task, model = cfg["task"], cfg["model"]
     name = task["name"]
-    if name not in TASKS:
-        raise ConfigError(f"config key 'task.name': unknown task {name!r}; known: {', '.join(TASKS)}")
-    if name == "sinusoid" and task["ways"] is not None:  # (task.root is ignored: harmless in shared overrides)
-        raise ConfigError("config key 'task.ways' is not used by task 'sinusoid' (set it to null)")
-    if name == "omniglot" and task["ways"] is None:
-        raise ConfigError("config key 'task.ways' is required for task 'omniglot' (e.g. 5 or 20)")
-    if task["ways"] is not None and task["ways"] < 2:
-        raise ConfigError(f"config key 'task.ways': must be >= 2, got {task['ways']}")
-    model = cfg["model"]
+    try:
+        factory = tasks_mod.factory(name)
+    except ValueError:
+        raise ConfigError(
+            f"task.name should be one of {', '.join(tasks_mod.names())} (or a name registered "
+            f"with metaopt.tasks.register) but is: {name!r}"
+        ) from None
+    accepted = accepted_kwargs(factory)
+    if accepted is not None:
+        for key in task:
+            if key == "name" or key in accepted:
+                continue
+            if key in SCHEMA["task"] and (task[key] is None or key in _TASK_IGNORABLE):
+                continue
+            if key in SCHEMA["task"] and key not in given:  # a default this task does not take
+                task[key] = None
+                continue
+            keys = sorted(accepted - {"split", "device"})
+            raise ConfigError(f"config key 'task.{key}' is not used by task {name!r} (set it to null); "
+                              f"its keys: {', '.join(keys)}")
+    fits = default_models(factory)
     if model["name"] == "auto":
-        model["name"] = "mlp" if name == "sinusoid" else "conv4"
-    wanted = "mlp" if name == "sinusoid" else "conv4"
-    if model["name"] != wanted:
-        raise ConfigError(f"config key 'model.name': task {name!r} needs model {wanted!r}, got {model['name']!r}")
+        model["name"] = fits[0]
+    if hasattr(factory, "models") and model["name"] not in fits:
+        raise ConfigError(f"config key 'model.name': task {name!r} needs model {' or '.join(map(repr, fits))}, "
+                          f"got {model['name']!r}")
+    try:
+        build_model = model_factory(model["name"])
+    except ConfigError:
+        raise ConfigError(f"model.name should be one of auto, {', '.join(model_names())} "
+                          f"but is: {model['name']!r}") from None
+    _check_extra("model", model, set(SCHEMA["model"]), build_model, f"model {model['name']!r}")
     if cfg["inner"]["eval_steps"] is None:
         cfg["inner"]["eval_steps"] = cfg["inner"]["steps"]
 
 
-def _accepted_kwargs(factory: Callable[..., Any]) -> set[str] | None:
-    """Keyword names a factory takes, or None when it takes ``**kwargs``."""
-    try:
-        sig = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-    names = set()
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            return None
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
-            names.add(p.name)
-    return names
-
-
 def _check_extra(section: str, cfg: dict[str, Any], own: set[str], factory: Callable[..., Any], what: str) -> None:
-    accepted = _accepted_kwargs(factory)
-    if accepted is None:
-        return
-    for key in cfg:
-        if key not in own and key not in accepted:
-            known = sorted(own | (accepted - {"params", "lr"}))
-            raise ConfigError(f"unknown config key '{section}.{key}' for {what}; known keys: {', '.join(known)}")
+    """Every key of ``cfg`` is one of the section's own keys or an argument of ``factory``
+    (not checked when it takes ``**kwargs``; its constructor then rejects what it must)."""
+    accepted = accepted_kwargs(factory)
+    if accepted is not None:
+        allowed = own | (accepted - {"params"})
+        check_keys(section, list(cfg), sorted(allowed), what, error=ConfigError)
 
 
 def _check_inner(inner: dict[str, Any]) -> None:
-    from metaopt import optim
-
     name = inner["name"]
     if name.lower() not in optim.names():
         raise ConfigError(f"config key 'inner.name': unknown inner optimizer {name!r}; known: {', '.join(optim.names())}")
@@ -340,8 +346,6 @@ def _check_inner(inner: dict[str, Any]) -> None:
 
 
 def _check_outer(outer: dict[str, Any]) -> None:
-    from metaopt import outer as outer_mod
-
     try:
         factory = outer_mod.optimizer_class(outer["name"], outer["impl"])
     except ValueError as e:
@@ -352,8 +356,6 @@ def _check_outer(outer: dict[str, Any]) -> None:
             "config key 'outer.lr': must not be null (only transformers' Adafactor has a relative-step mode "
             "without a learning rate)"
         )
-    import torch
-
     try:  # the constructor validates the hyperparameters (betas, eps, weight_decay, ...)
         outer_mod.build_outer_optimizer(outer, [torch.nn.Parameter(torch.zeros(2, 2))])
     except (ValueError, TypeError, IndexError, KeyError) as e:
@@ -370,13 +372,8 @@ def dump(cfg: Mapping[str, Any]) -> str:
 
 
 def save(cfg: Mapping[str, Any], path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: temp file, then ``os.replace``)."""
-    import os
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML (atomically, :func:`metaopt.rundir.atomic_write`)."""
+    atomic_write(path, dump(cfg))
 
 
 def describe() -> str:

@@ -10,7 +10,9 @@ From Python, :class:`metaopt.train.Trainer` (and ``train``/``resume``) turns dis
 itself when the process was started by ``torchrun`` (``WORLD_SIZE > 1`` in the environment)
 or a process group is already initialised; ``Trainer(..., distributed=False)`` opts out.
 
-Semantics (what the trainer does with a :class:`DistributedContext`):
+A :class:`DistributedContext` is the collective that :func:`metaopt.loop.meta_step` and
+:func:`metaopt.loop.evaluate` take (a single process is :data:`metaopt.loop.LOCAL`), so the
+maths has one code path. Semantics:
 
 * Backend by device: NCCL on CUDA (rank ``r`` uses ``cuda:LOCAL_RANK``), gloo on CPU.
 * Sharding: every rank samples the *full* meta-batch from the same seeded generator and keeps
@@ -61,10 +63,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.config import ConfigError
+from metaopt import config as config_mod
+from metaopt.checks import ConfigError
+from metaopt.loop import EvalResult, evaluate, meta_step
+from metaopt.maml import MAML
+from metaopt.models import MLP
+from metaopt.optim import SGD
 from metaopt.tasks.base import TaskBatch, as_task_batch
+from metaopt.tasks.sinusoid import Sinusoid
 
 __all__ = [
     "DistributedContext",
@@ -199,26 +208,26 @@ class DistributedContext:
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-        groups: dict[torch.dtype, list[Tensor]] = {}
+        groups: dict[torch.dtype, list[Tensor]] = {}  # dtype -> the gradients of that dtype
         for p in params:
             if p.grad is not None:
-                groups.setdefault(p.grad.dtype, []).append(p)
+                groups.setdefault(p.grad.dtype, []).append(p.grad)
         if not groups:
             groups[torch.float64] = []
         out: list[Tensor] = []
         for i, dtype in enumerate(sorted(groups, key=str)):  # same order on every rank
-            ps = groups[dtype]
+            grads = groups[dtype]
             extra = [float(local_tasks)]
             if i == 0:  # the means ride along in the first buffer
                 extra += [0.0 if local_tasks == 0 else float(m) * local_tasks for m in means]
-            flat = torch.cat([p.grad.reshape(-1) * local_tasks for p in ps]
+            flat = torch.cat([g.reshape(-1) * local_tasks for g in grads]
                              + [torch.tensor(extra, dtype=dtype, device=self.device)])
             dist.all_reduce(flat)
             offset = 0
-            total = flat[sum(p.grad.numel() for p in ps)]
-            for p in ps:
-                k = p.grad.numel()
-                p.grad.copy_((flat[offset:offset + k] / total).view_as(p.grad))
+            total = flat[sum(g.numel() for g in grads)]
+            for g in grads:
+                k = g.numel()
+                g.copy_((flat[offset:offset + k] / total).view_as(g))
                 offset += k
             if i == 0:
                 out = list(flat[offset + 1:] / total)
@@ -276,8 +285,6 @@ class DistributedContext:
 
         Returns the hash (the same on every rank).
         """
-        from metaopt import config as config_mod
-
         text = config_mod.dump(cfg) + "\n" + repr(sorted((extra or {}).items()))
         digest = hashlib.sha256(text.encode()).hexdigest()
         gathered: list[Any] = [None] * self.world_size
@@ -301,53 +308,12 @@ class DistributedContext:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, maml: nn.Module, batches: Iterable[Any], *, split: str = "val",
-                 device: torch.device | None = None) -> Any:
-        """:func:`metaopt.train.evaluate`, sharded: each batch is split across ranks, per-task
-        metrics are all-gathered in task order, mean and CI are over all tasks.
-
-        Returns the same :class:`metaopt.train.EvalResult` on every rank.
-        """
-        from metaopt.train import EvalResult, mean_ci95
-
-        after, before, losses, index = [], [], [], []
-        classify = -1
-        seen = 0  # tasks in the batches so far: global task index of this batch's first task
-        for raw in batches:
-            full = as_task_batch(raw)
-            start, stop = self.shard(full.num_tasks, allow_remainder=True)
-            seen += full.num_tasks
-            if stop == start:
-                continue
-            b = full.split(start, stop)
-            index.append(torch.arange(seen - full.num_tasks + start, seen - full.num_tasks + stop))
-            if device is not None:
-                b = b.to(device)
-            out = maml.meta_loss(b, train=False, before=True)
-            classify = int(out.accuracy is not None)
-            after.append(out.accuracy if classify else out.query_loss)
-            before.append(out.accuracy_before if classify else out.query_loss_before)
-            losses.append(out.query_loss)
-        flag = torch.tensor([float(classify)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        classify = int(flag.item())
-        # One gather of (task index, after, before, loss) rows; rank r holds a slice of every
-        # batch, so sorting by task index restores the order of one process.
-        cols = [index, after, before, losses]
-        rows = (torch.stack([torch.cat(c).to(self.device, torch.float64) for c in cols], 1) if index
-                else torch.zeros(0, len(cols), dtype=torch.float64))
-        gathered = self.gather_tasks(rows).view(-1, len(cols))  # (all tasks, 4), rank order
-        gathered = gathered[gathered[:, 0].argsort()]
-        a, b0, lo = gathered[:, 1], gathered[:, 2], gathered[:, 3]
-        if a.numel() == 0:
-            raise ValueError(f"no {split} tasks to evaluate (empty data)")
-        mean, ci, std = mean_ci95(a)
-        bm, bci, _ = mean_ci95(b0)
-        return EvalResult(
-            metric="accuracy" if classify == 1 else "mse", mean=mean, ci95=ci, std=std, tasks=a.numel(),
-            inner_steps=int(getattr(maml, "eval_inner_steps", 0)), before_mean=bm, before_ci95=bci,
-            loss_mean=float(lo.mean()), split=split, values=a.tolist(),
-        )
+    def evaluate(self, maml: MAML, batches: Iterable[Any], *, split: str = "val",
+                 device: torch.device | None = None) -> EvalResult:
+        """:func:`metaopt.loop.evaluate` with this context as the collective: each batch is
+        split across ranks, per-task metrics are gathered in task order, mean and CI are
+        over all tasks; the same :class:`metaopt.loop.EvalResult` on every rank."""
+        return evaluate(maml, batches, split=split, device=device, sync=self)
 
 
 # ============================================================================ set-up
@@ -466,14 +432,6 @@ def launch(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
 
 def _bench_rank(meta_batch_size: int, iterations: int, warmup: int, inner_steps: int, threads: int,
                 queue: Any) -> None:
-    import torch.nn.functional as F
-
-    from metaopt.maml import MAML
-    from metaopt.models import MLP
-    from metaopt.optim import SGD
-    from metaopt.tasks import Sinusoid
-    from metaopt.train import meta_step
-
     torch.set_num_threads(threads)
     ctx = init("cpu")
     torch.manual_seed(0)
@@ -485,7 +443,10 @@ def _bench_rank(meta_batch_size: int, iterations: int, warmup: int, inner_steps:
 
     def step() -> None:
         batch = tasks.sample(meta_batch_size, g)
-        meta_step(maml, outer, ctx.shard_batch(batch) if ctx else batch, stats=False, sync=ctx)
+        if ctx is None:
+            meta_step(maml, outer, batch, stats=False)
+        else:
+            meta_step(maml, outer, ctx.shard_batch(batch), stats=False, sync=ctx)
 
     for _ in range(warmup):
         step()

@@ -4,7 +4,7 @@
   (with its 95% CI) against meta-iteration, from a run's ``metrics.csv``.
 * :func:`sinusoid_fits` - adapted predictions against the true sine for a few tasks.
 * :func:`compare_curves` - a metric against meta-iteration, one line per inner optimizer,
-  mean over seeds with a 95% CI band (1.96 std / sqrt(seeds)).
+  mean over seeds with a Student-t 95% CI band (:func:`metaopt.stats.mean_ci`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+
+from metaopt import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -152,13 +154,13 @@ def compare_curves(
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and 95% CI half-width ``1.96 * std / sqrt(n)`` (population std, as MAML's code)."""
-    n = len(values)
-    if n == 0:
+    """Mean and Student-t 95% half-width of :func:`metaopt.stats.mean_ci`, for drawing:
+    0 for one value (a band of no width), NaN for none or a non-finite value."""
+    xs = [float(v) for v in values]
+    if not xs or not all(math.isfinite(v) for v in xs):
         return math.nan, math.nan
-    m = sum(values) / n
-    std = math.sqrt(sum((v - m) ** 2 for v in values) / n)
-    return m, 1.96 * std / math.sqrt(n)
+    s = stats.mean_ci(xs)
+    return s.mean, 0.0 if s.ci95 is None else s.ci95
 
 
 def _save(fig: Any, out_png: str | Path) -> Path:

@@ -56,7 +56,7 @@ def assert_run_dir(run: Path, metric: str, iterations: int) -> dict:
     return res
 
 
-def test_sinusoid_train_then_eval(tmp_path: Path) -> None:
+def test_sinusoid_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     proc = metaopt("train", str(REPO / "configs/sinusoid.yaml"), "--out", "run", "--set", "train.iterations=20",
                    *QUICK, cwd=tmp_path)
     assert "test mse" in proc.stdout
@@ -70,6 +70,10 @@ def test_sinusoid_train_then_eval(tmp_path: Path) -> None:
     assert cli.main(["eval", str(run), "--tasks", "10", "--steps", "1"]) == 0
     one = json.loads((run / "results_test_1steps.json").read_text())
     assert one["inner_steps"] == 1 and one["tasks"] == 10
+    for bad, message in ((["--tasks", "0"], "--tasks should be an int >= 1 but is: 0"),
+                         (["--steps", "-1"], "--steps should be an int >= 0 but is: -1")):
+        assert cli.main(["eval", str(run), *bad]) == 2
+        assert capsys.readouterr().err == f"metaopt: error: {message}\n"
     # A second train into the same directory is refused (one line, no traceback).
     again = metaopt("train", str(REPO / "configs/sinusoid.yaml"), "--out", "run", cwd=tmp_path, check=False)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr

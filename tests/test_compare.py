@@ -1,5 +1,5 @@
 """metaopt.compare from Python: --inner specs, per-optimizer configs, the markdown tables,
-reports, restartable runs, and the old ``metaopt.train`` import paths.
+reports, restartable runs.
 (The full ``metaopt compare`` command and the experiment scripts: test_cli.py, test_experiments.py.)"""
 
 from __future__ import annotations
@@ -84,13 +84,3 @@ def test_compare_reuses_finished_and_resumes_interrupted_runs(tmp_path: Path) ->
     again = C.compare({}, "sgd", 2, tmp_path, overrides=QUICK, device="cpu", log=logged.append)
     assert logged == [] and (tmp_path / "sgd" / "seed1" / "results.json").is_file()
     assert again["rows"][0]["per_seed"] == pytest.approx(first["rows"][0]["per_seed"])
-
-
-def test_old_import_path_still_works() -> None:
-    import metaopt.train as T
-    from metaopt.train import compare, reproduce  # noqa: F401
-
-    assert compare is C.compare and T.PAPER_SETTINGS is C.PAPER_SETTINGS and T._fmt_metric is C._fmt_metric
-    assert all(hasattr(T, n) for n in T.__all__)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        T.no_such_name  # noqa: B018

@@ -101,7 +101,12 @@ BAD = [
     ({"outer": {"impl": "transformers"}}, "only available for adafactor"),
     ({"task": {"name": "imagenet"}}, "task.name"),
     ({"task": {"ways": 5}}, "task.ways"),  # sinusoid has no ways
-    ({"task": {"name": "omniglot"}}, "task.ways"),  # omniglot needs ways
+    ({"task": {"image_size": 28}}, "task.image_size"),  # an Omniglot argument, not a Sinusoid one
+    ({"task": {"name": "omniglot", "ways": 0}}, "task.ways should be an int >= 1 but is: 0"),
+    ({"model": {"name": "resnet"}}, "model.name"),
+    ({"model": {"widths": [3]}}, "model.widths"),
+    ({"train": {"precision": "fp8"}}, "train.precision should be one of fp32, bf16, fp16, tf32 but is: 'fp8'"),
+    ({"train": {"iterations": -1}}, "train.iterations should be an int >= 0 but is: -1"),
     ({"model": {"name": "conv4"}}, "model.name"),
     ({"model": {"hidden_sizes": [40, "x"]}}, "model.hidden_sizes"),
     ({"train": {"device": "tpu"}}, "train.device"),
@@ -137,3 +142,40 @@ def test_save_writes_resolved_yaml(tmp_path: Path) -> None:
     config.save(cfg, tmp_path / "config.yaml")
     assert config.load(tmp_path / "config.yaml") == cfg
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_precision_key() -> None:
+    assert config.resolve({})["train"]["precision"] == "fp32"
+    assert config.resolve({"train": {"precision": "bf16"}})["train"]["precision"] == "bf16"
+
+
+def test_omniglot_task_keys_pass_through_and_ways_defaults_to_the_constructor() -> None:
+    cfg = config.resolve({"task": {"name": "omniglot", "image_size": 14, "rotations": False}})
+    assert cfg["model"]["name"] == "conv4" and cfg["task"]["image_size"] == 14 and cfg["task"]["ways"] is None
+
+
+def test_inner_section_passes_every_preset_argument_through() -> None:
+    """An inner optimizer registered with torch's argument names (as the adam/rmsprop/lion
+    presets): every key it takes reaches it (lists as tuples), anything else is refused
+    with the allowed keys listed."""
+    from metaopt import optim
+    from metaopt.build import build_inner
+
+    seen: dict = {}
+
+    def adamish(lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8, amsgrad: bool = False):
+        seen.update(lr=lr, betas=betas, eps=eps, amsgrad=amsgrad)
+        return optim.SGD(lr=lr)
+
+    optim.register("adamish", adamish)
+    try:
+        cfg = config.resolve({"inner": {"name": "adamish", "lr": 0.1, "betas": [0.5, 0.9], "eps": 1e-6,
+                                        "amsgrad": True}})
+        seen.clear()
+        build_inner(cfg)
+        assert seen == {"lr": 0.1, "betas": (0.5, 0.9), "eps": 1e-6, "amsgrad": True}
+        with pytest.raises(ConfigError, match=r"^unknown config key 'inner.momentum' for inner optimizer "
+                                              r"'adamish'; allowed keys: amsgrad, betas, eps, eval_steps, "):
+            config.resolve({"inner": {"name": "adamish", "momentum": 0.9}})
+    finally:
+        optim.unregister("adamish")

@@ -91,7 +91,7 @@ def _step_batches():
 
 
 def _reference_steps() -> dict[str, dict[str, torch.Tensor]]:
-    from metaopt.train import meta_step
+    from metaopt.loop import meta_step
 
     maml, outer = _step_setup()
     out = {}
@@ -105,7 +105,7 @@ def _reference_steps() -> dict[str, dict[str, torch.Tensor]]:
 def worker_step(out: Path) -> None:
     """Three meta-steps on sharded batches; every rank saves its parameters after each."""
     from metaopt import distributed
-    from metaopt.train import meta_step
+    from metaopt.loop import meta_step
 
     torch.set_num_threads(1)
     ctx = distributed.init("cpu")
@@ -121,10 +121,9 @@ def worker_step(out: Path) -> None:
         saved[name]["__tasks"] = torch.tensor(shard.num_tasks)
     saved["in_sync"] = ctx.parameters_in_sync(maml)
     # Sharded evaluation over 7 tasks in chunks of 3 (shards 1/2, 1/2, 0/1).
-    from metaopt.tasks import Sinusoid
-    from metaopt.train import task_chunks
+    from metaopt.tasks import Sinusoid, eval_batches
 
-    ev = ctx.evaluate(maml, task_chunks(Sinusoid(5, 7, dtype=torch.float64), 7, 3, 11, torch.device("cpu")), split="val")
+    ev = ctx.evaluate(maml, eval_batches(Sinusoid(5, 7, dtype=torch.float64), 7, 3, 11, "cpu"), split="val")
     saved["eval"] = {"values": ev.values, "tasks": ev.tasks, "mean": ev.mean, "ci95": ev.ci95,
                      "before": ev.before_mean, "loss": ev.loss_mean}
     torch.save(saved, out / f"rank{ctx.rank}.pt")
@@ -165,12 +164,13 @@ def test_shard_bounds() -> None:
 
 def test_single_process_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
     from metaopt import distributed
+    from metaopt.loop import LOCAL
     from metaopt.train import Trainer
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init("cpu") is None and distributed.is_main_process()
     t = Trainer(None, overrides=TINY)
-    assert t.dist is None and t.is_main
+    assert t.sync is LOCAL and t.is_main
 
 
 def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
@@ -188,12 +188,12 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
     assert [int(r["uneven"]["__tasks"]) for r in ranks] == [2, 3]
     assert ranks[0]["in_sync"] and ranks[1]["in_sync"]
 
-    from metaopt.tasks import Sinusoid
-    from metaopt.train import evaluate, task_chunks
+    from metaopt.loop import evaluate
+    from metaopt.tasks import Sinusoid, eval_batches
 
     maml, _ = _step_setup()
     maml.load_state_dict({k: v for k, v in ranks[0]["clipped"].items() if not k.startswith("__")})
-    ev = evaluate(maml, task_chunks(Sinusoid(5, 7, dtype=torch.float64), 7, 3, 11, torch.device("cpu")))
+    ev = evaluate(maml, eval_batches(Sinusoid(5, 7, dtype=torch.float64), 7, 3, 11, "cpu"))
     got = ranks[0]["eval"]
     assert got == ranks[1]["eval"] and got["tasks"] == 7
     torch.testing.assert_close(torch.tensor(got["values"]), torch.tensor(ev.values), rtol=0, atol=1e-12)

@@ -191,3 +191,36 @@ def test_meta_learning_happens() -> None:
         "train.iterations=500", "train.eval_every=0", "train.test_tasks=200", "train.progress=false"])
     assert res["tasks"] == 200 and res["inner_steps"] == 10
     assert res["mean"] < 0.6 * res["before"]["mean"], res
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16), ("tf32", torch.float32)])
+def test_precision_context(precision: str, dtype: torch.dtype) -> None:
+    a = torch.ones(2, 2)
+    with T._precision_ctx(precision, torch.device("cpu")):
+        assert (a @ a).dtype == dtype
+
+
+def test_bf16_training_runs(tmp_path: Path) -> None:
+    res = T.train(None, overrides=TINY + ["train.iterations=2", "train.precision=bf16"])
+    assert res["iteration"] == 2 and math.isfinite(res["mean"])
+
+
+def test_trains_without_matplotlib_and_tensorboard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The optional extras: without them the run finishes, with one line naming the extra."""
+    import sys
+
+    for name in ("matplotlib", "matplotlib.pyplot", "metaopt.plots", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    sets = [s for s in TINY if not s.startswith(("train.plots", "train.tensorboard"))]
+    res = T.train(None, tmp_path, overrides=sets + ["train.iterations=2", "train.plots=true", "train.tensorboard=true"])
+    err = capsys.readouterr().err
+    assert res["iteration"] == 2 and (tmp_path / "results.json").is_file()
+    assert "pip install 'metaopt[plot]'" in err and "pip install 'metaopt[tensorboard]'" in err
+    assert not (tmp_path / "plots").exists() and not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_empty_training_data_is_an_error() -> None:
+    with pytest.raises(ValueError, match="yielded no batches"):
+        Trainer(None, overrides=TINY + ["train.iterations=2"], data=[]).fit()

@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import time
 import urllib.request
 import zipfile
@@ -37,9 +36,9 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
+from metaopt.rundir import atomic_write
 from metaopt.tasks.base import TaskBatch
 
 __all__ = ["Omniglot", "ChecksumError", "load_split", "default_cache_dir", "DATA_DIR"]
@@ -61,7 +60,8 @@ NPZ_SHA256 = {
     "index.json": "4329ccc0f3392b76613e0db20b0a68badb8d884f6281e281278fecca2fae6331",
 }
 DATA_DIR = Path(__file__).resolve().parent / "data"
-"""Package data: ``vinyals_split.json`` and ``index.json`` (copies of the shared files)."""
+"""Package data: ``vinyals_split.json`` (the Vinyals et al. split) and ``index.json`` (the
+row names of the NumPy copy)."""
 SPLIT_FILE = DATA_DIR / "vinyals_split.json"
 SPLIT_SHA256 = "3c9fcd1d74eaee948ff41e1e29ccbb195158ca9a65d71e3a0638aafeaff8fab8"
 SPLIT_SIZES = {"train": 1028, "val": 172, "test": 423}
@@ -98,30 +98,15 @@ def _check(path: Path, algorithm: str, expected: str | None, got: str, hint: str
         )
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _download(url: str, dest: Path) -> None:
     """Fetch ``url`` into ``dest`` atomically."""
 
-    def write(tmp: str) -> None:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+    def write(f: Any) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
 
-    _atomic_write(dest, write)
+    atomic_write(dest, write)
 
 
 def load_split(split_file: PathLike | Mapping[str, Sequence[Sequence[str]]] | None = None
@@ -236,6 +221,8 @@ def _read_npz(root: Path) -> tuple[list[Character], np.ndarray]:
 
 def _read_zips(root: Path) -> tuple[list[Character], np.ndarray]:
     """Names and ink masks from the official zips, ordered by (set, official id)."""
+    from PIL import Image  # Pillow: imported when the data is first read, not by `import metaopt`
+
     found: dict[Character, dict[str, Any]] = {}
     for s in SETS:
         with zipfile.ZipFile(root / f"{s}.zip") as zf:
@@ -269,13 +256,15 @@ def _read_zips(root: Path) -> tuple[list[Character], np.ndarray]:
 
 def _resize(ink: np.ndarray, size: int) -> Tensor:
     """``(chars, drawings, H, W)`` bool ink -> ``(chars, drawings, size, size)`` uint8, ink = 255."""
+    from PIL import Image
+
     n, d, h, w = ink.shape
     out = np.empty((n, d, size, size), dtype=np.uint8)
     for i in range(n):
         gray = ink[i].astype(np.uint8) * 255  # (drawings, H, W)
         for j in range(d):
             img = Image.fromarray(gray[j])  # uint8 2-D: mode "L"
-            out[i, j] = np.asarray(img if (h, w) == (size, size) else img.resize((size, size), Image.LANCZOS))
+            out[i, j] = np.asarray(img if (h, w) == (size, size) else img.resize((size, size), Image.Resampling.LANCZOS))
     return torch.from_numpy(out)
 
 
@@ -302,8 +291,8 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
             f"Omniglot data not found in {root} (source={requested!r}): looked for "
             f"images_background.npz + images_evaluation.npz (the NumPy copy, with index.json) and "
             f"images_background.zip + images_evaluation.zip (the official zips). Pass root= the "
-            f"folder that holds them (e.g. the shared NumPy copy ../shared/data/omniglot), set "
-            f"$METAOPT_OMNIGLOT, or use download=True to fetch the official zips from {URL}"
+            f"folder that holds them (config key task.root), set "
+            f"$METAOPT_OMNIGLOT to it, or use download=True to fetch the official zips from {URL}"
         )
     digests = (_npz_source if source == "npz" else _zip_source)(root, verify, checksums)
     key_text = json.dumps({"format": 1, "source": source, "digests": digests,
@@ -325,7 +314,7 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
     images = _resize(ink, image_size)
     obj = {"key": key_text, "names": [list(n) for n in names], "images": images}
     try:
-        _atomic_write(cache, lambda tmp: torch.save(obj, tmp))
+        atomic_write(cache, lambda f: torch.save(obj, f))
     except OSError as e:
         raise OSError(f"cannot write the Omniglot cache {cache}: {e}. Pass cache_dir= or set "
                       "$METAOPT_CACHE to a writable folder") from e
@@ -468,6 +457,18 @@ class Omniglot:
         self.cache_path: Path = info["cache_path"]
         self.cache_hit: bool = info["cache_hit"]
         self.load_seconds = time.perf_counter() - start
+
+    models = ("conv4", "resnet12")
+    """Models that fit these tasks (the first is ``model.name: auto``)."""
+
+    def model_args(self) -> dict[str, Any]:
+        """The data-dependent model arguments: ``ways`` outputs, one input channel."""
+        return {"ways": self.ways, "in_channels": 1}
+
+    @property
+    def generator_device(self) -> torch.device:
+        """Sampling draws indices on the images' device: pass a generator there."""
+        return self.images.device
 
     def __repr__(self) -> str:
         return (f"Omniglot(split={self.split!r}, ways={self.ways}, shots={self.shots}, "

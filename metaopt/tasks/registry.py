@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from metaopt._registry import Registry
+from metaopt.tasks.omniglot import Omniglot
+from metaopt.tasks.sinusoid import Sinusoid
 
 
 def _builtins(reg: Registry[Any]) -> None:
-    from metaopt.tasks.omniglot import Omniglot
-    from metaopt.tasks.sinusoid import Sinusoid
-
     reg.register("sinusoid", Sinusoid)
     reg.register("omniglot", Omniglot)
 
@@ -30,6 +29,21 @@ def unregister(name: str) -> None:
         ValueError: unknown name (the message lists the known ones).
     """
     _TASKS.unregister(name)
+
+
+def factory(name: str) -> Callable[..., Any]:
+    """The factory registered under ``name`` (case-insensitive), not called; configs read
+    its signature to check the ``task`` section's keys.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+
+    Example:
+        >>> from metaopt.tasks import Sinusoid, factory
+        >>> factory("sinusoid") is Sinusoid
+        True
+    """
+    return _TASKS.factory(name)
 
 
 def names() -> list[str]:

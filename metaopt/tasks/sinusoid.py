@@ -8,7 +8,7 @@ Each task is ``y = A * sin(x - phi)`` with amplitude ``A ~ U[0.1, 5.0]``, phase
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,6 +71,9 @@ class Sinusoid:
     Differences from the reference: MAML draws ``2K`` points per task and splits them
     into support and query; here ``shots`` and ``queries`` are set separately.
     """
+
+    models = ("mlp",)
+    """Models that fit these tasks (the first is ``model.name: auto``)."""
 
     def __init__(
         self,
@@ -157,3 +160,41 @@ class Sinusoid:
         """
         g = torch.Generator(device="cpu").manual_seed(seed)
         return self.sample(n, g, device=device, dtype=dtype)
+
+    def model_args(self) -> dict[str, Any]:
+        """The data-dependent model arguments: one input and one output feature."""
+        return {"in_features": 1, "out_features": 1}
+
+    def curves(self, predict: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]], tasks: int = 3,
+               points: int = 200, seed: int = 7, device: torch.device | str | None = None) -> list[dict[str, Any]]:
+        """True sine, support points and predictions before/after adaptation for ``tasks``
+        tasks drawn from ``seed`` (what :func:`metaopt.plots.sinusoid_fits` draws).
+
+        Args:
+            predict: ``predict(support_x, support_y, x) -> (before, after)``, the model's
+                predictions at ``x`` (``(points, 1)``) at the meta-parameters and after
+                adapting to the support set (``(shots, 1)`` each).
+
+        Example:
+            >>> import torch
+            >>> c = Sinusoid(shots=5).curves(lambda sx, sy, x: (0 * x, 0 * x), tasks=1, points=3)
+            >>> len(c[0]["x"]), len(c[0]["support_x"])
+            (3, 5)
+        """
+        g = torch.Generator().manual_seed(seed)
+        params = self.sample_params(tasks, g)
+        batch = self.batch_for(params, g, device=device)
+        x = torch.linspace(*self.x_range, points, device=device)[:, None]  # (points, 1)
+        out = []
+        for i in range(tasks):
+            before, after = predict(batch.support[0][i], batch.support[1][i], x)
+            amp, phase = float(params.amplitude[i]), float(params.phase[i])
+            out.append({
+                "x": x[:, 0].cpu().tolist(),
+                "true": (amp * torch.sin(x[:, 0].cpu() - phase)).tolist(),
+                "before": before[:, 0].detach().cpu().tolist(),
+                "after": after[:, 0].detach().cpu().tolist(),
+                "support_x": batch.support[0][i, :, 0].cpu().tolist(),
+                "support_y": batch.support[1][i, :, 0].cpu().tolist(),
+            })
+        return out

@@ -1,0 +1,220 @@
+"""From a resolved config to objects: task distributions, model, inner optimizer, MAML, outer.
+
+Each builder reads one config section and asks a registry by name, so that a task, model or
+optimizer registered by the user works from a config without a change here:
+
+* ``task``  -> ``metaopt.tasks.get(task.name, **task kwargs)`` (see :func:`task_kwargs`);
+* ``model`` -> :func:`model_factory` (``model.name``; ``auto`` is the task's default) with
+  the task's data-dependent arguments (``model_args()``, e.g. ``ways``) and the section's keys;
+* ``inner`` -> ``metaopt.optim.get(inner.name, **every other inner key)``;
+* ``outer`` -> :func:`metaopt.outer.build_outer_optimizer`.
+
+Example:
+    >>> from metaopt.config import resolve
+    >>> cfg = resolve({"model": {"hidden_sizes": [8]}})
+    >>> tasks = build_tasks(cfg, "train", torch.device("cpu"))
+    >>> model = build_model(cfg, tasks)
+    >>> type(model).__name__, type(build_inner(cfg)).__name__
+    ('MLP', 'SGD')
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from metaopt import optim
+from metaopt import tasks as tasks_mod
+from metaopt.checks import ConfigError
+from metaopt.maml import MAML
+from metaopt import models
+from metaopt.models import MLP, Conv4
+from metaopt.outer import build_outer_optimizer
+from metaopt.tasks.base import model_args
+
+__all__ = [
+    "INNER_OWN_KEYS",
+    "accepted_kwargs",
+    "build_inner",
+    "build_maml",
+    "build_model",
+    "build_outer",
+    "build_tasks",
+    "has_splits",
+    "model_factory",
+    "model_names",
+    "resolve_device",
+    "task_kwargs",
+]
+
+#: Keys of the ``inner`` section that MAML reads; every other key goes to the optimizer.
+INNER_OWN_KEYS = frozenset({"name", "steps", "eval_steps", "first_order", "learn_lr"})
+
+
+def accepted_kwargs(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names ``factory`` takes, or ``None`` when it takes ``**kwargs``.
+
+    Example:
+        >>> sorted(accepted_kwargs(lambda a, *, b=1: None))
+        ['a', 'b']
+    """
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    names = set()
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+            names.add(p.name)
+    return names
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is a ConfigError."""
+    if isinstance(name, torch.device):
+        return name
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {name!r}: {e}") from None
+
+
+# ============================================================================ tasks
+
+
+def task_kwargs(task: Mapping[str, Any], split: str, device: torch.device) -> dict[str, Any]:
+    """The constructor arguments of ``task.name`` from the ``task`` section: every key but
+    ``name`` that the constructor takes and whose value is not null (null: the
+    constructor's default), plus ``split`` and ``device`` when the constructor takes them.
+    YAML lists become tuples."""
+    factory = tasks_mod.factory(task["name"])
+    accepted = accepted_kwargs(factory)
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in task.items()
+              if k != "name" and v is not None and (accepted is None or k in accepted)}  # (root: data tasks only)
+    for key, value in (("split", split), ("device", device)):
+        if accepted is None or key in accepted:
+            kwargs.setdefault(key, value)
+    return kwargs
+
+
+def has_splits(name: str) -> bool:
+    """Whether the task constructor registered as ``name`` takes a ``split`` argument (else
+    one distribution serves every split, held-out tasks coming from fixed seeds)."""
+    accepted = accepted_kwargs(tasks_mod.factory(name))
+    return accepted is None or "split" in accepted
+
+
+def build_tasks(cfg: Mapping[str, Any], split: str, device: torch.device) -> Any:
+    """The task distribution of ``cfg["task"]`` for ``split`` ("train", "val" or "test").
+
+    A constructor without a ``split`` argument gets the same arguments for every split (its
+    held-out tasks then come from fixed seeds, see :func:`metaopt.tasks.eval_batches`).
+    """
+    task = cfg["task"]
+    try:
+        return tasks_mod.get(task["name"], **task_kwargs(task, split, device))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ConfigError(f"task {task['name']!r} (split {split!r}): {e}") from None
+
+
+# ============================================================================ models
+
+
+def _mlp(in_features: int = 1, out_features: int = 1, hidden_sizes: Iterable[int] = (40, 40)) -> nn.Module:
+    return MLP(in_features, tuple(hidden_sizes), out_features)
+
+
+def _conv4(ways: int, in_channels: int = 1, filters: int = 64) -> nn.Module:
+    return Conv4(ways, in_channels, filters)
+
+
+#: Config-facing adapters for the two original models (their config keys, ``hidden_sizes``
+#: and ``filters``, predate the zoo's constructor names); every other name comes from
+#: :func:`metaopt.models.get`'s registry (``resnet12``, ``transformer``, ``lstm``, and models
+#: users register), built with its constructor's own argument names.
+_ADAPTERS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "conv4": _conv4}
+
+
+def model_names() -> list[str]:
+    """The model names a config may use."""
+    return sorted(set(_ADAPTERS) | set(models.names()))
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The constructor of the model called ``name`` (the one place that maps config names
+    to model classes).
+
+    Raises:
+        ConfigError: unknown name, listing the known ones.
+    """
+    if name in _ADAPTERS:
+        return _ADAPTERS[name]
+    if isinstance(name, str) and name.lower() in models.names():
+        return models.factory(name)
+    raise ConfigError(f"model.name should be one of {', '.join(model_names())} but is: {name!r}")
+
+
+def build_model(cfg: Mapping[str, Any], task: Any = None) -> nn.Module:
+    """``model.name`` built with the task's data-dependent arguments (``model_args()``) and
+    the ``model`` section's keys that its constructor takes, initialised from
+    ``train.seed`` without touching the global RNG."""
+    section = dict(cfg["model"])
+    factory = model_factory(section.pop("name"))
+    accepted = accepted_kwargs(factory)
+    kwargs = {k: v for k, v in section.items() if v is not None and (accepted is None or k in accepted)}
+    # The data-dependent arguments: the task's own (model_args), else the task section's
+    # keys the model takes (e.g. ``ways`` when training on the user's batches).
+    kwargs.update({k: v for k, v in cfg["task"].items() if v is not None and accepted is not None and k in accepted})
+    kwargs.update(model_args(task))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["train"]["seed"])
+        try:
+            return factory(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config section 'model' ({cfg['model']['name']}): {e}") from None
+
+
+# ============================================================================ optimizers
+
+
+def build_inner(cfg: Mapping[str, Any]) -> Any:
+    """``metaopt.optim.get(inner.name, **every inner key but MAML's own)``; with ``learn_lr``
+    the lr is an ``nn.Parameter`` (which :class:`metaopt.MAML` registers, so the outer
+    optimizer trains it)."""
+    inner = cfg["inner"]
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inner.items() if k not in INNER_OWN_KEYS}
+    if kwargs.get("lr") is None:
+        kwargs.pop("lr", None)
+        if inner["learn_lr"]:
+            raise ConfigError("config key 'inner.learn_lr' needs an explicit inner.lr to start from")
+    elif inner["learn_lr"]:
+        kwargs["lr"] = nn.Parameter(torch.tensor(float(inner["lr"])))
+    try:
+        return optim.get(inner["name"], **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config section 'inner' ({inner['name']}): {e}") from None
+
+
+def build_maml(cfg: Mapping[str, Any], model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> MAML:
+    """The MAML engine over ``model`` with the config's inner optimizer and steps."""
+    inner = cfg["inner"]
+    return MAML(model, build_inner(cfg), inner["steps"], inner["first_order"], loss_fn,
+                eval_inner_steps=inner["eval_steps"])
+
+
+def build_outer(cfg: Mapping[str, Any], params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """The outer (meta-) optimizer of ``cfg["outer"]`` over ``params``."""
+    try:
+        return build_outer_optimizer(cfg["outer"], params)
+    except ValueError as e:
+        raise ConfigError(f"config section 'outer': {e}") from None
