@@ -121,9 +121,8 @@ def _stale_dir(run_dir: Path) -> Path:
 
 
 def _describe_diff(diffs: Sequence[tuple[str, Any, Any]]) -> str:
-    key, old, new = diffs[0]
-    more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:])})" if len(diffs) > 1 else ""
-    return f"config key {key!r} is {old!r} there but {new!r} now{more}"
+    parts = [f"config key {k!r} is {old!r} there but {new!r} now" for k, old, new in diffs[:5]]
+    return ", ".join(parts) + (f" (and {len(diffs) - 5} more keys)" if len(diffs) > 5 else "")
 
 
 def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, rerun: bool = True,
@@ -187,7 +186,8 @@ def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, r
                 log(message or f"[compare] training {run_dir}")
             results = Trainer(cfg, run_dir, device=device).fit()
     except NonFiniteLossError as e:
-        info = {"iteration": e.iteration, "value": repr(e.value)}
+        value = getattr(e, "value", None)
+        info = {"iteration": e.iteration, "value": None if value is None else repr(value), "message": str(e)}
         write_json(run_dir / "diverged.json", info)
         return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": info}
     return _record(run_dir, results)
@@ -305,7 +305,7 @@ def parse_tune(items: Sequence[str] | Mapping[str, Sequence[Any]] | None) -> dic
             key, sep, vals = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"--tune {item!r}: expected KEY=V1,V2,... e.g. inner.lr=0.01,0.1")
-            pairs.append((key.strip(), [yaml.safe_load(v) for v in vals.split(",") if v.strip()]))
+            pairs.append((key.strip(), [_number(yaml.safe_load(v)) for v in vals.split(",") if v.strip()]))
     grid: dict[str, list[Any]] = {}
     for key, values in pairs:
         section, _, name = key.partition(".")
@@ -322,6 +322,16 @@ def parse_tune(items: Sequence[str] | Mapping[str, Sequence[Any]] | None) -> dic
             raise ConfigError(f"--tune {key}: a value is repeated in {values!r}")
         grid[key] = values
     return grid
+
+
+def _number(v: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a grid value that reads as a number is one."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 def _inner_config(config: str | Path | Mapping[str, Any], overrides: Sequence[str], inner_sets: Sequence[str]) -> Config:
@@ -424,7 +434,7 @@ def compare(
         grid = parse_tune(grids[label]) if grids and label in grids else default_grid
         fixed = {k: v for k, v in grid.items() if any(s.startswith(k + "=") for s in sets)}
         grid = {k: v for k, v in grid.items() if k not in fixed}
-        points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+        points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
         point_cfgs = [_with(base, p) for p in points]
         plans.append((label, base, grid, fixed, points, point_cfgs))
 
@@ -634,7 +644,8 @@ def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, t
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.set_title(f"{title}: mean over seeds, 95% CI (Student t)" if title else "mean over seeds, 95% CI (Student t)",
                      fontsize=9)
         fig.tight_layout()
@@ -752,7 +763,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
         )
         for d in r.get("diverged") or []:
             where = d.get("where", "meta-loss")
-            diverged.append(f"- {r['inner']}: `{d['run_dir']}` (non-finite {where} {d.get('value')} "
+            value = f" {d['value']}" if d.get("value") is not None else ""
+            diverged.append(f"- {r['inner']}: `{d['run_dir']}` (non-finite {where}{value} "
                             f"at iteration {d.get('iteration')})")
         t = r.get("tune")
         for d in (t or {}).get("results", []):
