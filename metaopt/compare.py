@@ -483,7 +483,9 @@ def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]
         vals: list[float | None] = []
         diverged = []
         for k in range(tune_seeds):
-            seeded = _with(cfg, {"train.seed": cfg["train"]["seed"] + TUNE_SEED_OFFSET + k})
+            # Tuning runs only need their checkpoint and metrics: no per-run figures or event files.
+            seeded = _with(cfg, {"train.seed": cfg["train"]["seed"] + TUNE_SEED_OFFSET + k,
+                                 "train.plots": False, "train.tensorboard": False})
             run_dir = tune_dir / _point_slug(point) / f"seed{k}"
             rec = run_config(seeded, run_dir, device=device, rerun=rerun, log=log,
                              message=f"[compare] tuning {label} {_point_slug(point)} seed {k} -> {run_dir}")
@@ -663,7 +665,8 @@ def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, t
         ax.errorbar([i], [row["mean"] * scale], yerr=err, fmt="o", capsize=5, color="C0")
     ax.set_xticks(range(len(table)), [r["inner"] for r in table], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"test {metric}" + (" (%)" if metric == "accuracy" else ""))
-    ax.set_title("final test metric: mean, 95% CI over seeds (Student t), seeds in gray", fontsize=9)
+    ax.set_xlim(-0.5, len(table) - 0.5)
+    ax.set_title("final test metric: mean ± 95% CI over seeds\n(Student t; gray: the seeds)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     pngs.append(_save(fig, plot_dir / f"compare_final_{metric}.png"))
