@@ -272,11 +272,17 @@ def parse_inner_specs(text: str) -> list[tuple[str, list[str]]]:
     return specs
 
 
-def _specs(inner: str | Sequence[str] | Mapping[str, str]) -> list[tuple[str, list[str]]]:
-    """Labelled specs: a mapping ``{label: spec}`` keeps its labels; otherwise label = spec."""
+def _specs(inner: str | Sequence[str] | Mapping[str, str | Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Labelled specs: a mapping ``{label: spec}`` keeps its labels (a spec may also be a
+    mapping ``{"name": ..., **kwargs}``, whose values may hold commas); otherwise label = spec."""
     if isinstance(inner, Mapping):
         out = []
         for label, spec in inner.items():
+            if isinstance(spec, Mapping):
+                if "name" not in spec:
+                    raise ConfigError(f"--inner {label!r}: a mapping entry needs a 'name', got {dict(spec)!r}")
+                out.append((str(label), [f"inner.{k}={_yaml_value(v)}" for k, v in spec.items()]))
+                continue
             parsed = parse_inner_specs(spec)
             if len(parsed) != 1:
                 raise ConfigError(f"--inner {label!r}: expected one NAME[:key=value...] entry, got {spec!r}")
@@ -374,7 +380,7 @@ def _better(metric: str) -> Callable[[float, float], bool]:
 
 def compare(
     config: str | Path | Mapping[str, Any],
-    inner: str | Sequence[str] | Mapping[str, str],
+    inner: str | Sequence[str] | Mapping[str, str | Mapping[str, Any]],
     seeds: int,
     out_dir: str | Path,
     *,
@@ -400,7 +406,8 @@ def compare(
 
     Args:
         config: a YAML path or a config mapping.
-        inner: ``"sgd,adafactor:lr=0.3"``, a list of such entries, or ``{label: entry}``.
+        inner: ``"sgd,adafactor:lr=0.3"``, a list of such entries, or ``{label: entry}`` with
+            an entry a string or a mapping ``{"name": "sgd", "momentum": 0.9}``.
         seeds: final seeds per optimizer (>= 1).
         out_dir: output folder; ``summary.json``, ``summary.md`` and ``plots/`` go there.
         overrides: ``--set`` items applied to ``config`` for every run.
