@@ -9,9 +9,10 @@ runs and turns them into reports:
   parsed by :func:`parse_inner_specs`), ``seeds`` runs each. With ``tune={"inner.lr":
   [...]}`` each optimizer's value is first chosen on VALIDATION tasks (never test tasks)
   from runs on separate seeds, then the final seeds are trained with it.
-* :func:`run_config` - one run directory, reused only when its saved ``config.yaml``
-  matches the config it would run (:func:`config_diff`); a stale one is re-run (the old
-  directory kept as ``*.stale-K``) or refused, naming the differing key.
+* every run goes through :func:`metaopt.runs.run_config` (re-exported here): a run
+  directory is reused only when its saved ``config.yaml`` matches the config it would run;
+  a stale one is re-run (the old directory kept as ``*.stale-K``) or refused, naming the
+  differing key.
 * :func:`summarize_compare` - ``summary.json``, ``summary.md`` and ``plots/compare_*.png``:
   mean and Student-t 95% CI over seeds (:func:`metaopt.stats.mean_ci`; one seed: no
   interval), paired differences between optimizers on the same test tasks, diverged runs
@@ -38,22 +39,24 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from metaopt import config as config_mod
 from metaopt import stats
 from metaopt.config import Config, ConfigError
-from metaopt.train import (
-    RESUMABLE_KEYS,
-    NonFiniteLossError,
-    Trainer,
-    evaluate_run,
-    make_resumed_trainer,
-    write_json,
+from metaopt.runs import (
+    COSMETIC_KEYS,
+    _yaml_value,
+    config_diff,
+    per_task_test_values,
+    run_config,
+    validation_metric,
 )
+from metaopt.train import write_json
 
 #: The MAML paper's settings (configs/*.yaml) and its reported test accuracy (Finn et al.
 #: 2017, Table 1: mean ± 95% CI over 600 tasks); sinusoid results are reported as a figure only.
@@ -66,11 +69,6 @@ PAPER_SETTINGS: dict[str, tuple[str, str | None]] = {
     "omniglot_20w5s": ("omniglot_20w5s.yaml", "98.9 ± 0.2%"),
 }
 
-#: Keys that do not change what a run computes (where it runs, what it draws and how often
-#: it saves); a finished run is reused across them. Every other key is part of a run's identity.
-COSMETIC_KEYS = frozenset({"train.device", "train.progress", "train.tensorboard", "train.plots",
-                           "train.checkpoint_every"})
-
 #: Tuning runs use seeds ``train.seed + TUNE_SEED_OFFSET + k``, disjoint from the final
 #: seeds ``train.seed + k``: the value is chosen on one set of training runs and reported on
 #: another, so a lucky tuning seed does not also become a reported seed.
@@ -78,168 +76,6 @@ TUNE_SEED_OFFSET = 1000
 
 #: Keys ``tune`` refuses: choosing a seed or the optimizer itself on validation is not tuning.
 UNTUNABLE_KEYS = frozenset({"train.seed", "inner.name", "task.name"})
-
-
-# ============================================================================ run directories
-
-
-def config_diff(saved: Mapping[str, Mapping[str, Any]], wanted: Mapping[str, Mapping[str, Any]], *,
-                ignore: frozenset[str] = COSMETIC_KEYS) -> list[tuple[str, Any, Any]]:
-    """Keys whose values differ between two resolved configs, as ``(key, saved, wanted)``;
-    a key missing on one side shows ``"<unset>"`` there.
-
-    Example:
-        >>> from metaopt.config import resolve
-        >>> config_diff(resolve({"inner": {"steps": 1}}), resolve({"inner": {"steps": 2}}))
-        [('inner.eval_steps', 1, 2), ('inner.steps', 1, 2)]
-    """
-    out = []
-    for s in sorted(set(saved) | set(wanted)):
-        a, b = saved.get(s) or {}, wanted.get(s) or {}
-        for k in sorted(set(a) | set(b)):
-            key = f"{s}.{k}"
-            va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
-            if key not in ignore and va != vb:
-                out.append((key, va, vb))
-    return out
-
-
-def _yaml_value(v: Any) -> str:
-    # JSON is YAML: true/false/null/numbers/quoted strings read back as the same value.
-    return json.dumps(list(v) if isinstance(v, tuple) else v)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _stale_dir(run_dir: Path) -> Path:
-    k = 1
-    while run_dir.with_name(f"{run_dir.name}.stale-{k}").exists():
-        k += 1
-    return run_dir.with_name(f"{run_dir.name}.stale-{k}")
-
-
-def _describe_diff(diffs: Sequence[tuple[str, Any, Any]]) -> str:
-    parts = [f"config key {k!r} is {old!r} there but {new!r} now" for k, old, new in diffs[:5]]
-    return ", ".join(parts) + (f" (and {len(diffs) - 5} more keys)" if len(diffs) > 5 else "")
-
-
-def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, rerun: bool = True,
-               log: Callable[[str], None] | None = None, message: str = "") -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``, or reuse what is there when it is the same run.
-
-    * same config (:func:`config_diff` of the saved ``config.yaml``, ignoring
-      :data:`COSMETIC_KEYS`), finished: its ``results.json`` is read;
-    * same config, interrupted (a checkpoint, no results for ``train.iterations``): resumed;
-    * only ``train.iterations`` grew: the run is extended from its last checkpoint (resuming
-      continues the same random streams, so this equals a fresh run of the longer schedule);
-    * anything else: with ``rerun`` the old directory is moved to ``RUN_DIR.stale-K`` and the
-      run trained afresh; without, :class:`~metaopt.config.ConfigError` names the differing key.
-
-    A non-finite meta-loss does not stop a comparison: the run is recorded as diverged
-    (``diverged.json``: iteration and value) and reported by name.
-
-    Returns:
-        ``{"run_dir", "status": "ok" | "diverged", "results": results.json or None,
-        "diverged": {"iteration", "value"} or None}``.
-
-    Raises:
-        ConfigError: ``run_dir`` holds another config and ``rerun`` is False.
-    """
-    run_dir = Path(run_dir)
-    saved_path = run_dir / "config.yaml"
-    resume_iterations: int | None = None
-    if saved_path.is_file():
-        diffs = config_diff(config_mod.load(saved_path), cfg)
-        ckpt = run_dir / "checkpoints" / "last.pt"
-        diverged = _read_json(run_dir / "diverged.json")
-        results = _read_json(run_dir / "results.json")
-        if not diffs:
-            if diverged is not None:
-                return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": diverged}
-            if results is not None and results.get("iteration") == cfg["train"]["iterations"]:
-                return _record(run_dir, results)
-            if ckpt.is_file():
-                resume_iterations = cfg["train"]["iterations"]
-        elif ([d[0] for d in diffs] == ["train.iterations"] and diverged is None and ckpt.is_file()
-              and cfg["train"]["iterations"] > diffs[0][1]):
-            resume_iterations = cfg["train"]["iterations"]
-        else:
-            if not rerun:
-                raise ConfigError(f"{run_dir} holds a run of another config: {_describe_diff(diffs)}; "
-                                  "re-run without --no-rerun to replace it (the old run is kept)")
-            stale = _stale_dir(run_dir)
-            run_dir.rename(stale)
-            if log:
-                log(f"[compare] {run_dir}: {_describe_diff(diffs)}; moved the old run to {stale}")
-    try:
-        if resume_iterations is not None:
-            keep = [f"train.{k}={_yaml_value(cfg['train'][k])}" for k in ("iterations", "progress", "tensorboard",
-                                                                          "plots", "checkpoint_every")]
-            assert all(o.split("=")[0] in RESUMABLE_KEYS for o in keep)
-            if log:
-                log(f"{message} (resuming from {run_dir / 'checkpoints' / 'last.pt'})")
-            results = make_resumed_trainer(run_dir, overrides=keep, device=device).fit()
-        else:
-            if log:
-                log(message or f"[compare] training {run_dir}")
-            results = Trainer(cfg, run_dir, device=device).fit()
-    except NonFiniteLossError as e:
-        value = getattr(e, "value", None)
-        info = {"iteration": e.iteration, "value": None if value is None else repr(value), "message": str(e)}
-        write_json(run_dir / "diverged.json", info)
-        return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": info}
-    return _record(run_dir, results)
-
-
-def _record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
-    mean = results.get("mean")
-    if mean is not None and not math.isfinite(mean):  # finite loss, non-finite test metric
-        info = {"iteration": results.get("iteration"), "value": repr(mean), "where": "test metric"}
-        return {"run_dir": str(run_dir), "status": "diverged", "results": results, "diverged": info}
-    return {"run_dir": str(run_dir), "status": "ok", "results": results, "diverged": None}
-
-
-def validation_metric(run_dir: str | Path, *, device: str | None = None) -> float:
-    """Mean metric of ``run_dir``'s final checkpoint on ``train.eval_tasks`` validation tasks
-    (the fixed validation set; cached in ``results_val.json``). This, never the test
-    metric, is what :func:`compare` tunes on."""
-    run_dir = Path(run_dir)
-    it = (_read_json(run_dir / "results.json") or {}).get("iteration")
-    cached = _read_json(run_dir / "results_val.json")
-    if cached is not None and it is not None and cached.get("iteration") == it:
-        return float(cached["mean"])
-    return float(evaluate_run(run_dir, split="val", device=device)["mean"])
-
-
-def per_task_test_values(run_dir: str | Path, *, device: str | None = None) -> list[float]:
-    """Per-task test metric of ``run_dir``'s final checkpoint, task ``i`` being the same task
-    in every run of a config (test tasks come from a fixed seed).
-
-    Uses ``results.json``'s ``values`` when the run saved them; otherwise re-evaluates the
-    checkpoint on the same test tasks (cached in ``results_test_values.json``) and checks
-    that the mean equals the saved one.
-
-    Raises:
-        RuntimeError: the re-evaluation does not reproduce the saved test mean.
-    """
-    run_dir = Path(run_dir)
-    res = _read_json(run_dir / "results.json") or {}
-    if isinstance(res.get("values"), list):
-        return [float(v) for v in res["values"]]
-    cache = _read_json(run_dir / "results_test_values.json")
-    if cache is not None and cache.get("iteration") == res.get("iteration") and cache.get("tasks") == res.get("tasks"):
-        return [float(v) for v in cache["values"]]
-    trainer = Trainer(run_dir / "config.yaml", run_dir, device=device, resume=True)
-    ev = trainer.evaluate("test")
-    assert ev is not None
-    saved = res.get("mean")
-    if saved is not None and abs(ev.mean - saved) > 1e-4 * max(1.0, abs(saved)):
-        raise RuntimeError(f"re-evaluating {run_dir} gave test mean {ev.mean!r}, results.json says {saved!r}")
-    write_json(run_dir / "results_test_values.json",
-               {"iteration": trainer.iteration, "tasks": ev.tasks, "metric": ev.metric, "values": ev.values})
-    return list(ev.values)
 
 
 # ============================================================================ specs
@@ -445,10 +281,10 @@ def compare(
         point_cfgs = [_with(base, p) for p in points]
         plans.append((label, base, grid, fixed, points, point_cfgs))
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, base, grid, fixed, points, point_cfgs in plans:
         slug = out_dir / _slug(label)
-        tuning = None
+        tuning: dict[str, Any] | None = None
         final_cfg = base
         if points:
             tuning = _tune(label, grid, points, point_cfgs, slug / "tune", tune_seeds,
@@ -484,7 +320,7 @@ def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]
           tune_dir: Path, tune_seeds: int, *, device: str | None, rerun: bool,
           log: Callable[[str], None] | None) -> dict[str, Any]:
     """Train every grid point on the tuning seeds, score it on validation tasks, choose."""
-    results = []
+    results: list[dict[str, Any]] = []
     metric = None
     for point, cfg in zip(points, point_cfgs):
         vals: list[float | None] = []
@@ -511,12 +347,12 @@ def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]
     for i, r in enumerate(results):
         if r["val_metric"] is not None and (best is None or better(r["val_metric"], results[best]["val_metric"])):
             best = i
-    at_edge = []
+    at_edge: list[str] = []
     if best is not None:
-        for k, values in grid.items():
+        for key, values in grid.items():
             nums = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
-            if len(nums) == len(values) > 1 and points[best][k] in (nums[0], nums[-1]):
-                at_edge.append(k)
+            if len(nums) == len(values) > 1 and points[best][key] in (nums[0], nums[-1]):
+                at_edge.append(key)
     return {"split": "val", "metric": metric, "grid": {k: list(v) for k, v in grid.items()},
             "seeds": tune_seeds, "results": results, "chosen_index": best,
             "chosen": results[best]["values"] if best is not None else None, "at_edge": at_edge}
@@ -758,8 +594,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
         return "(no runs)\n"
     metric = rows[0]["metric"]
     lines = [f"### {title}" if title else "", "",
-             f"| inner optimizer | seeds | tuned on validation | iterations | test {metric} (mean over seeds) | "
-             "95% CI over seeds (Student t) | per seed | before adaptation | test tasks |",
+             (f"| inner optimizer | seeds | tuned on validation | iterations | test {metric} (mean over seeds) | "
+             "95% CI over seeds (Student t) | per seed | before adaptation | test tasks |"),
              "|---|---|---|---|---|---|---|---|---|"]
     diverged = []
     for r in rows:
@@ -784,8 +620,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
         lines += ["", "Diverged runs (reported, never averaged):", *diverged]
     tuned = [r for r in rows if r.get("tune") and r["tune"].get("results")]
     if tuned:
-        lines += ["", f"Tuning (validation {metric} of the final checkpoint, mean over "
-                  f"{tuned[0]['tune']['seeds']} tuning seed(s); chosen in bold; test tasks never used):", ""]
+        lines += ["", (f"Tuning (validation {metric} of the final checkpoint, mean over "
+                  f"{tuned[0]['tune']['seeds']} tuning seed(s); chosen in bold; test tasks never used):"), ""]
         for r in tuned:
             t = r["tune"]
             cells = []
@@ -797,8 +633,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
     if paired:
         ref = paired[0]["b"]
         vs = [p for p in paired if p["b"] == ref]
-        lines += ["", f"Paired differences against {ref} (a − b; for {metric} "
-                  f"{'higher' if metric == 'accuracy' else 'lower'} is better):", "",
+        lines += ["", (f"Paired differences against {ref} (a − b; for {metric} "
+                  f"{'higher' if metric == 'accuracy' else 'lower'} is better):"), "",
                   "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
         for p in vs:
             lines.append(f"| {p['a']} − {p['b']} | {_fmt_diff(metric, p['over_tasks'], 'task')} | "
@@ -877,11 +713,11 @@ __all__ = [
     "markdown_table",
     "parse_inner_specs",
     "parse_tune",
+    "per_task_test_values",
     "reproduce",
     "reproduction_markdown",
     "run_config",
     "summarize_compare",
-    "per_task_test_values",
     "validation_metric",
     "write_report",
 ]

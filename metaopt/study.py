@@ -32,9 +32,10 @@ Example:
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -209,9 +210,9 @@ def run_study(
 def _write_index(results_dir: Path) -> Path:
     """``results_dir/README.md``: every setting's report, in name order."""
     parts = ["# Inner-optimizer study\n",
-             "One section per setting (written by `experiments/study.py`; specs in `configs/study/`). "
+             ("One section per setting (written by `experiments/study.py`; specs in `configs/study/`). "
              "Test metric: mean and Student-t 95% CI over seeds; each optimizer's lr chosen on validation "
-             "tasks; paired differences on the same test tasks; diverged runs listed by name.\n"]
+             "tasks; paired differences on the same test tasks; diverged runs listed by name.\n")]
     for md in sorted(results_dir.glob("*/summary.md")):
         parts.append(md.read_text().replace("](plots/", f"]({md.parent.name}/plots/"))
     path = results_dir / "README.md"
