@@ -161,11 +161,23 @@ def _record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def validation_metric(run_dir: str | Path, *, device: str | None = None) -> float:
-    """Mean metric of ``run_dir``'s final checkpoint on ``train.eval_tasks`` validation tasks
-    (the fixed validation set; cached in ``results_val.json``). This, never the test
-    metric, is what :func:`compare` tunes on."""
+    """Mean metric of ``run_dir``'s final checkpoint on its ``train.eval_tasks`` validation
+    tasks (the fixed validation set). This, never the test metric, is what
+    :func:`metaopt.compare.compare` tunes on.
+
+    The run's own validation at its last iteration (``metrics.csv``) is that number when
+    ``train.eval_every`` divides ``train.iterations``; otherwise the checkpoint is evaluated
+    on the same tasks (cached in ``results_val.json``).
+    """
     run_dir = Path(run_dir)
     it = (_read_json(run_dir / "results.json") or {}).get("iteration")
+    if it is not None and (run_dir / "metrics.csv").is_file():
+        from metaopt.plots import read_metrics
+
+        cols = read_metrics(run_dir / "metrics.csv")
+        last = [v for x, v in zip(cols.get("iteration", []), cols.get("val_metric", [])) if x == it and not math.isnan(v)]
+        if last:
+            return float(last[-1])
     cached = _read_json(run_dir / "results_val.json")
     if cached is not None and it is not None and cached.get("iteration") == it:
         return float(cached["mean"])
