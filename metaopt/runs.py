@@ -36,10 +36,11 @@ from metaopt.train import (
     write_json,
 )
 
-#: Keys that do not change what a run computes (where it runs, what it draws and how often
-#: it saves); a finished run is reused across them. Every other key is part of a run's identity.
+#: Keys that do not change what a run computes (where it runs, where the data is read from,
+#: what it draws and how often it saves); a finished run is reused across them. Every other
+#: key is part of a run's identity.
 COSMETIC_KEYS = frozenset({"train.device", "train.progress", "train.tensorboard", "train.plots",
-                           "train.checkpoint_every"})
+                           "train.checkpoint_every", "task.root"})
 
 
 def config_diff(saved: Mapping[str, Mapping[str, Any]], wanted: Mapping[str, Mapping[str, Any]], *,

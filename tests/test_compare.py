@@ -79,11 +79,17 @@ def test_inner_config_drops_the_other_optimizers_keys() -> None:
     assert other["name"] == "sgd" and other["lr"] == 0.1 and other["steps"] == 2 and "beta2_decay" not in other
 
 
+def test_better_follows_the_metric() -> None:
+    assert C._better("accuracy")(0.9, 0.8) and not C._better("accuracy")(0.8, 0.9)
+    assert C._better("mse")(0.1, 0.2) and not C._better("mse")(0.2, 0.1)
+
+
 def test_slug_and_config_diff() -> None:
     assert C._slug("adafactor:lr=0.1") == "adafactor_lr=0.1"
     assert C._slug("a b/c") == "a_b_c"
     a = config_mod.resolve({"inner": {"steps": 1}})
-    b = config_mod.resolve({"inner": {"steps": 1}, "train": {"device": "cpu", "progress": False}})
+    b = config_mod.resolve({"inner": {"steps": 1}, "train": {"device": "cpu", "progress": False},
+                            "task": {"root": "/elsewhere"}})
     assert C.config_diff(a, b) == []  # where a run happens and what it draws are not its identity
     c = config_mod.resolve({"inner": {"steps": 2, "eval_steps": 1}, "train": {"iterations": 7}})
     assert C.config_diff(a, c) == [("inner.steps", 1, 2), ("train.iterations", 5000, 7)]
