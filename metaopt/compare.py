@@ -525,6 +525,8 @@ def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, t
                 pts.sort()
                 ax.plot([p for p, _ in pts], [v * scale for _, v in pts], marker="o", label=f"{row['inner']} ({key})")
         ax.set_xscale("log")
+        if metric != "accuracy":  # a bad lr's loss is orders of magnitude above a good one's
+            ax.set_yscale("log")
         ax.set_xlabel("tuned value")
         ax.set_ylabel(f"validation {metric}" + (" (%)" if metric == "accuracy" else ""))
         ax.set_title("tuning on validation tasks (diverged points omitted)", fontsize=9)

@@ -197,6 +197,8 @@ def run_study(
     plots = [Path(shutil.copyfile(png, out / "plots" / png.name)) for png in map(Path, summary["plots"])]
     budget = "the config's full schedule" if full else ("reduced budget: `" + " ".join(study.budget) + "`"
                                                          if study.budget else "the config's schedule")
+    if overrides:
+        budget += ", then `" + " ".join(overrides) + "`"
     md = (f"## {name}\n\nConfig `{study.config.name if study.config else 'defaults'}`, {budget}; "
           f"{study.seeds} seeds per optimizer, each optimizer's lr chosen on validation tasks "
           f"({study.tune_seeds} tuning seed(s) per value).\n\n"

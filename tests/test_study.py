@@ -95,6 +95,7 @@ def test_study_script_end_to_end_and_resumable(tmp_path: Path, capsys: pytest.Ca
     assert [r["inner"] for r in summary["rows"]] == ["sgd", "torch_af"] and summary["budget"] == ["train.iterations=3"]
     assert all(r["tune"]["split"] == "val" and r["finite_seeds"] == 2 for r in summary["rows"])
     index = (tmp_path / "results/README.md").read_text()
+    assert "reduced budget: `train.iterations=3`, then `train.iterations=2" in index  # what really ran
     assert "## tiny" in index and "| torch_af − sgd |" in index and "(tiny/plots/compare_final_mse.png)" in index
     assert (tmp_path / "results/tiny/plots/compare_final_mse.png").is_file()
     # Re-running the same command trains nothing; the missing optimizer is refused by name.
