@@ -517,15 +517,17 @@ def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, t
     tuned = [r for r in table if r["tune"] and len(r["tune"].get("grid") or {}) == 1]
     if tuned:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        lowest = math.inf
         for row in tuned:
             (key,) = row["tune"]["grid"]
             pts = [(r["values"][key], r["val_metric"]) for r in row["tune"]["results"]
                    if r["val_metric"] is not None and isinstance(r["values"][key], (int, float))]
             if pts:
                 pts.sort()
+                lowest = min(lowest, *(v for _, v in pts))
                 ax.plot([p for p, _ in pts], [v * scale for _, v in pts], marker="o", label=f"{row['inner']} ({key})")
         ax.set_xscale("log")
-        if metric != "accuracy":  # a bad lr's loss is orders of magnitude above a good one's
+        if metric != "accuracy" and 0 < lowest < math.inf:  # a bad lr's loss is orders of magnitude above a good one's
             ax.set_yscale("log")
         ax.set_xlabel("tuned value")
         ax.set_ylabel(f"validation {metric}" + (" (%)" if metric == "accuracy" else ""))
