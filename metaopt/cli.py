@@ -88,19 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
 
     p = sub.add_parser(
-        "compare", help="train one config with several inner optimizers and seeds",
+        "compare", help="train one config with several inner optimizers (tuned on validation) and seeds",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  metaopt compare configs/sinusoid.yaml --inner sgd,adafactor --seeds 3\n"
+               "  metaopt compare configs/sinusoid.yaml --inner sgd,adafactor --seeds 3 "
+               "--tune inner.lr=0.003,0.01,0.03,0.1,0.3,1\n"
                "  metaopt compare configs/omniglot_5w1s.yaml --inner sgd,adafactor:lr=0.5 --seeds 2 "
                "--set train.iterations=5000\n\n"
                "Each --inner entry is NAME[:key=value...] (inner.* keys for that optimizer).\n"
-               "Writes OUT/<inner>/seed<k>/ run directories, OUT/summary.md, OUT/summary.json and\n"
-               "OUT/plots/compare_*.png. Re-running the same command reuses finished runs.",
+               "--tune KEY=V1,V2,... trains each value on --tune-seeds separate seeds, picks the best\n"
+               "mean metric on VALIDATION tasks (never test tasks) per optimizer, then trains the final\n"
+               "seeds with it; an entry that sets KEY itself is not tuned. CIs over seeds are Student t\n"
+               "(n-1 df; one seed: n/a); paired differences use the same test tasks and seeds.\n"
+               "Writes OUT/<inner>/seed<k>/ (and OUT/<inner>/tune/...) run directories, OUT/summary.md,\n"
+               "OUT/summary.json and OUT/plots/compare_*.png. Re-running reuses a finished run only when\n"
+               "its saved config.yaml matches; a run of another config is re-run (the old one kept as\n"
+               "RUN.stale-K), or refused with --no-rerun, naming the differing key.",
     )
     p.add_argument("config")
     p.add_argument("--inner", required=True, help="comma-separated inner optimizers, e.g. sgd,adafactor")
     p.add_argument("--seeds", type=int, default=3, help="seeds per inner optimizer (default 3)")
+    p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="choose KEY per optimizer on validation tasks from these values (repeatable: grid product)")
+    p.add_argument("--tune-seeds", type=int, default=1, help="seeds per tuning value (default 1)")
+    p.add_argument("--no-rerun", dest="rerun", action="store_false",
+                   help="refuse (instead of re-running) a run directory whose config differs")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare-<config name>-<time>)")
     _add_common(p)
 
@@ -194,8 +206,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else _default_out(args.config, "compare-")
     overrides = args.overrides + (["train.progress=false"] if args.quiet else [])
-    compare(args.config, args.inner, args.seeds, out, overrides=overrides, device=args.device,
-            log=lambda m: print(m, file=sys.stderr))
+    compare(args.config, args.inner, args.seeds, out, overrides=overrides, tune=args.tune, tune_seeds=args.tune_seeds,
+            rerun=args.rerun, device=args.device, log=lambda m: print(m, file=sys.stderr))
     print((out / "summary.md").read_text(), end="")
     print(f"summary: {out / 'summary.md'}  plots: {out / 'plots'}")
     return 0

@@ -1,20 +1,36 @@
-"""metaopt.compare from Python: --inner specs, per-optimizer configs, the markdown tables,
-reports, restartable runs.
-(The full ``metaopt compare`` command and the experiment scripts: test_cli.py, test_experiments.py.)"""
+"""metaopt.compare: --inner specs and --tune grids, tuning on validation tasks (never test),
+stale-run detection, Student-t intervals over seeds, paired differences, diverged runs, one-seed
+output, reports, restartable runs and the ``metaopt compare`` command in-process. (The command as a subprocess: test_cli.py; the scripts:
+test_experiments.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
+import scipy.stats
 
+from metaopt import cli
 from metaopt import compare as C
+from metaopt import config as config_mod
 from metaopt.config import ConfigError
+from metaopt.train import evaluate_run
 
 QUICK = ["train.iterations=2", "train.eval_every=1", "train.eval_tasks=2", "train.test_tasks=4",
          "train.meta_batch_size=2", "train.progress=false", "train.plots=false", "train.tensorboard=false"]
+
+
+def t_half_width(values: list[float]) -> float:
+    """The reference: scipy's Student-t quantile with n-1 df times the standard error."""
+    n = len(values)
+    return float(scipy.stats.t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+
+
+# ---------------------------------------------------------------------------- parsing
 
 
 def test_parse_inner_specs() -> None:
@@ -22,6 +38,9 @@ def test_parse_inner_specs() -> None:
         ("sgd", ["inner.name=sgd"]),
         ("adafactor:lr=0.3:beta2_decay=-0.5", ["inner.name=adafactor", "inner.lr=0.3", "inner.beta2_decay=-0.5"]),
     ]
+    assert C._specs({"mom": "sgd:momentum=0.9"}) == [("mom", ["inner.name=sgd", "inner.momentum=0.9"])]
+    with pytest.raises(ConfigError, match="expected one"):
+        C._specs({"two": "sgd,adafactor"})
 
 
 @pytest.mark.parametrize("text, match", [
@@ -32,6 +51,25 @@ def test_parse_inner_specs_rejects(text: str, match: str) -> None:
         C.parse_inner_specs(text)
 
 
+def test_parse_tune() -> None:
+    assert C.parse_tune(None) == {} and C.parse_tune([]) == {}
+    assert C.parse_tune(["inner.lr=0.003,0.01,1", "inner.steps=1,2"]) == {"inner.lr": [0.003, 0.01, 1],
+                                                                        "inner.steps": [1, 2]}
+    assert C.parse_tune({"inner.lr": (0.1, 0.2)}) == {"inner.lr": [0.1, 0.2]}
+
+
+@pytest.mark.parametrize("items, match", [
+    (["inner.lr"], "expected KEY=V1,V2"), (["=1,2"], "expected KEY=V1,V2"),
+    (["lr=0.1"], "expected SECTION.KEY"), (["optim.lr=0.1"], "expected SECTION.KEY"),
+    (["train.seed=0,1"], "'train.seed' cannot be tuned"), (["inner.name=sgd,adafactor"], "cannot be tuned"),
+    (["inner.lr=0.1", "inner.lr=0.2"], "given twice"), (["inner.lr="], "at least one value"),
+    (["inner.lr=0.1,0.1"], "repeated"),
+])
+def test_parse_tune_rejects(items: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        C.parse_tune(items)
+
+
 def test_inner_config_drops_the_other_optimizers_keys() -> None:
     base = {"inner": {"name": "adafactor", "lr": 0.1, "steps": 3, "beta2_decay": -0.5}}
     same = C._inner_config(base, [], ["inner.name=adafactor", "inner.lr=0.3"])["inner"]
@@ -40,22 +78,112 @@ def test_inner_config_drops_the_other_optimizers_keys() -> None:
     assert other["name"] == "sgd" and other["lr"] == 0.1 and other["steps"] == 2 and "beta2_decay" not in other
 
 
-def test_slug() -> None:
+def test_better_follows_the_metric() -> None:
+    assert C._better("accuracy")(0.9, 0.8) and not C._better("accuracy")(0.8, 0.9)
+    assert C._better("mse")(0.1, 0.2) and not C._better("mse")(0.2, 0.1)
+
+
+def test_slug_and_config_diff() -> None:
     assert C._slug("adafactor:lr=0.1") == "adafactor_lr=0.1"
     assert C._slug("a b/c") == "a_b_c"
+    a = config_mod.resolve({"inner": {"steps": 1}})
+    b = config_mod.resolve({"inner": {"steps": 1}, "train": {"device": "cpu", "progress": False},
+                            "task": {"root": "/elsewhere"}})
+    assert C.config_diff(a, b) == []  # where a run happens and what it draws are not its identity
+    c = config_mod.resolve({"inner": {"steps": 2, "eval_steps": 1}, "train": {"iterations": 7}})
+    assert C.config_diff(a, c) == [("inner.steps", 1, 2), ("train.iterations", 5000, 7)]
 
 
-def test_fmt_metric() -> None:
+# ---------------------------------------------------------------------------- reports (no training)
+
+
+def _fake_run(tmp: Path, name: str, values: list[float], metric: str = "mse") -> dict[str, Any]:
+    """A finished run directory whose results.json holds its per-task test values."""
+    d = tmp / name
+    d.mkdir(parents=True)
+    res = {"metric": metric, "mean": sum(values) / len(values), "ci95": 0.0, "tasks": len(values),
+           "iteration": 10, "before": {"mean": 2.0}, "values": values}
+    (d / "results.json").write_text(json.dumps(res))
+    return {"run_dir": str(d), "status": "ok", "results": res, "diverged": None}
+
+
+def _row(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"inner": label, "config": config_mod.resolve({"train": {"iterations": 10}}), "runs": runs, "tune": None}
+
+
+def test_student_t_ci_paired_differences_and_diverged_runs(tmp_path: Path) -> None:
+    # Three seeds of A and B on the same 5 test tasks, plus a diverged fourth seed of B.
+    a = [[0.50, 0.70, 0.40, 0.90, 0.60], [0.55, 0.65, 0.45, 0.95, 0.50], [0.45, 0.80, 0.35, 0.85, 0.70]]
+    b = [[0.60, 0.75, 0.55, 1.00, 0.65], [0.70, 0.70, 0.50, 1.10, 0.60], [0.50, 0.90, 0.45, 0.90, 0.80]]
+    runs_a = [_fake_run(tmp_path, f"a{k}", v) for k, v in enumerate(a)]
+    runs_b = [_fake_run(tmp_path, f"b{k}", v) for k, v in enumerate(b)]
+    runs_b.append({"run_dir": str(tmp_path / "b3"), "status": "diverged", "results": None,
+                   "diverged": {"iteration": 7, "value": "nan"}})
+    s = C.summarize_compare([_row("A", runs_a), _row("B", runs_b)], tmp_path / "out", title="t")
+    ra, rb = s["rows"]
+    finals_a = [sum(v) / 5 for v in a]
+    finals_b = [sum(v) / 5 for v in b]
+    assert ra["mean"] == pytest.approx(statistics.mean(finals_a))
+    assert ra["ci95"] == pytest.approx(t_half_width(finals_a), rel=1e-9)
+    assert ra["ci95"] > 1.96 * statistics.pstdev(finals_a) / math.sqrt(3) * 2  # the old rule was >2x too narrow
+    # The diverged seed is reported by name and never averaged.
+    assert rb["seeds"] == 4 and rb["finite_seeds"] == 3 and rb["per_seed"][3] is None
+    assert rb["mean"] == pytest.approx(statistics.mean(finals_b))
+    assert rb["ci95"] == pytest.approx(t_half_width(finals_b), rel=1e-9)
+    assert rb["diverged"] == [{"run_dir": str(tmp_path / "b3"), "iteration": 7, "value": "nan"}]
+    # Paired over tasks: seed-mean per task of B minus A, against scipy's paired t interval.
+    (p,) = s["paired"]
+    assert (p["a"], p["b"]) == ("B", "A")
+    ta = [statistics.mean(col) for col in zip(*a)]
+    tb = [statistics.mean(col) for col in zip(*b)]
+    ref = scipy.stats.ttest_rel(tb, ta).confidence_interval(0.95)
+    assert p["over_tasks"]["n"] == 5
+    assert p["over_tasks"]["mean"] - p["over_tasks"]["ci95"] == pytest.approx(ref.low, rel=1e-9)
+    assert p["over_tasks"]["mean"] + p["over_tasks"]["ci95"] == pytest.approx(ref.high, rel=1e-9)
+    ref_seeds = scipy.stats.ttest_rel(finals_b, finals_a).confidence_interval(0.95)
+    assert p["over_seeds"]["n"] == 3
+    assert p["over_seeds"]["mean"] + p["over_seeds"]["ci95"] == pytest.approx(ref_seeds.high, rel=1e-9)
+    md = (tmp_path / "out/summary.md").read_text()
+    assert "| B | 3 of 4 (1 diverged) |" in md and str(tmp_path / "b3") in md and "never averaged" in md
+    assert "| B − A |" in md and "(n = 5)" in md
+    saved = json.loads((tmp_path / "out/summary.json").read_text())
+    assert saved["rows"][1]["per_seed"][3] is None and saved["ci"].startswith("Student t")
+    for png in ("compare_final_mse.png", "compare_val_mse.png", "compare_meta_loss.png"):
+        assert (tmp_path / "out/plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_seed_has_no_interval(tmp_path: Path) -> None:
+    s = C.summarize_compare([_row("A", [_fake_run(tmp_path, "a0", [0.4, 0.6])]),
+                             _row("B", [_fake_run(tmp_path, "b0", [0.5, 0.9])])], tmp_path / "out")
+    assert s["rows"][0]["ci95"] is None and s["rows"][0]["mean"] == pytest.approx(0.5)
+    md = (tmp_path / "out/summary.md").read_text()
+    assert "| 0.5000 | n/a (1 seed) |" in md and "± 0.0000" not in md
+    # Over tasks there are two paired values; over seeds one: no interval there either.
+    p = s["paired"][0]
+    assert p["over_tasks"]["n"] == 2 and p["over_tasks"]["ci95"] is not None
+    assert p["over_seeds"]["n"] == 1 and p["over_seeds"]["ci95"] is None
+    assert "+0.2000, CI n/a (1 seed)" in md
+
+
+def test_all_seeds_diverged_row(tmp_path: Path) -> None:
+    dead = {"run_dir": str(tmp_path / "x"), "status": "diverged", "results": None,
+            "diverged": {"iteration": 1, "value": "inf"}}
+    s = C.summarize_compare([_row("ok", [_fake_run(tmp_path, "a0", [0.4, 0.6])]), _row("dead", [dead])],
+                            tmp_path / "out")
+    assert s["rows"][1]["mean"] is None and s["paired"] == []
+    assert "| dead | 0 of 1 (1 diverged) | not tuned | 10 | diverged | n/a |" in (tmp_path / "out/summary.md").read_text()
+
+
+def test_fmt_metric_and_markdown() -> None:
     assert C._fmt_metric("accuracy", 0.9, 0.01) == "90.00% ± 1.00%"
     assert C._fmt_metric("mse", 0.12345) == "0.1235"
     assert C._fmt_metric("mse", None) == C._fmt_metric("mse", math.nan) == "n/a"
-
-
-def test_markdown_tables() -> None:
+    assert C._fmt_ci("mse", None, 1) == "n/a (1 seed)" and C._fmt_ci("accuracy", 0.012, 3) == "± 1.20%"
     assert C.markdown_table([]) == "(no runs)\n"
     md = C.markdown_table([{"inner": "sgd", "seeds": 2, "metric": "mse", "mean": 0.5, "ci95": 0.1,
-                            "before_mean": None, "tasks": 4, "iterations": 10}], title="sine")
-    assert md.startswith("### sine\n") and "| sgd | 2 | 10 | 0.5000 ± 0.1000 | n/a | 4 |" in md
+                            "before_mean": None, "tasks": 4, "iterations": 10, "per_seed": [0.45, 0.55]}],
+                          title="sine")
+    assert md.startswith("### sine\n") and "| sgd | 2 | not tuned | 10 | 0.5000 | ± 0.1000 | 0.4500, 0.5500 | n/a | 4 |" in md
     rep = C.reproduction_markdown([{"setting": "omniglot_5w1s", "inner": "sgd", "iteration": 2, "metric": "accuracy",
                                     "mean": 0.5, "ci95": 0.1, "before": {"mean": 0.2}, "tasks": 4,
                                     "paper": C.PAPER_SETTINGS["omniglot_5w1s"][1]}])
@@ -67,9 +195,18 @@ def test_write_report(tmp_path: Path) -> None:
     assert json.loads(j.read_text()) == {"a": 1} and m.read_text() == "# hi\n"
 
 
+# ---------------------------------------------------------------------------- runs
+
+
 def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--seeds"):
         C.compare({}, "sgd", 0, tmp_path)
+    with pytest.raises(ConfigError, match="--tune-seeds"):
+        C.compare({}, "sgd", 1, tmp_path, tune_seeds=0)
+    with pytest.raises(ConfigError, match="inner.lr"):  # a bad grid value fails before any run
+        C.compare({}, "sgd", 1, tmp_path, tune=["inner.lr=0.1,-1"], overrides=QUICK)
+    with pytest.raises(ConfigError, match="grids for unknown"):
+        C.compare({}, "sgd", 1, tmp_path, grids={"adam": {"inner.lr": [1]}})
     with pytest.raises(ConfigError, match="unknown setting"):
         C.reproduce(["nope"], tmp_path)
     assert not any(tmp_path.iterdir())
@@ -81,6 +218,114 @@ def test_compare_reuses_finished_and_resumes_interrupted_runs(tmp_path: Path) ->
     assert len(logged) == 2 and first["rows"][0]["seeds"] == 2
     (tmp_path / "sgd" / "seed1" / "results.json").unlink()  # seed 1 interrupted after its checkpoint
     logged.clear()
-    again = C.compare({}, "sgd", 2, tmp_path, overrides=QUICK, device="cpu", log=logged.append)
-    assert logged == [] and (tmp_path / "sgd" / "seed1" / "results.json").is_file()
+    again = C.compare({}, "sgd", 2, tmp_path, overrides=QUICK + ["train.progress=true"], device="cpu",
+                      log=logged.append)
+    assert len(logged) == 1 and "resuming" in logged[0] and (tmp_path / "sgd" / "seed1" / "results.json").is_file()
     assert again["rows"][0]["per_seed"] == pytest.approx(first["rows"][0]["per_seed"])
+    logged.clear()
+    C.compare({}, "sgd", 2, tmp_path, overrides=QUICK, device="cpu", log=logged.append)
+    assert logged == []  # finished, same config (train.progress does not count): reused
+
+
+def test_stale_runs_are_refused_or_rerun(tmp_path: Path) -> None:
+    logged: list[str] = []
+    first = C.compare({}, "sgd", 1, tmp_path, overrides=QUICK, device="cpu", log=logged.append)
+    # Another inner.steps: refused with --no-rerun, naming the key and both values...
+    with pytest.raises(ConfigError, match=r"'inner.steps' is 1 there but 2 now"):
+        C.compare({}, "sgd", 1, tmp_path, overrides=QUICK + ["inner.steps=2"], device="cpu", rerun=False)
+    # ...else re-run, the old run kept aside.
+    logged.clear()
+    second = C.compare({}, "sgd", 1, tmp_path, overrides=QUICK + ["inner.steps=2"], device="cpu", log=logged.append)
+    assert any("'inner.steps' is 1 there but 2 now" in m for m in logged)
+    assert (tmp_path / "sgd/seed0.stale-1/results.json").is_file()
+    assert config_mod.load(tmp_path / "sgd/seed0/config.yaml")["inner"]["steps"] == 2
+    assert second["rows"][0]["mean"] != first["rows"][0]["mean"]
+    # A longer schedule extends the run from its checkpoint; equal to a fresh run of 4 iterations.
+    logged.clear()
+    longer = QUICK + ["inner.steps=2", "train.iterations=4"]
+    extended = C.compare({}, "sgd", 1, tmp_path, overrides=longer, device="cpu", log=logged.append)
+    assert len(logged) == 1 and "resuming" in logged[0]
+    assert extended["rows"][0]["iterations"] == 4
+    fresh = C.compare({}, "sgd", 1, tmp_path / "fresh", overrides=longer, device="cpu", log=None)
+    assert extended["rows"][0]["mean"] == pytest.approx(fresh["rows"][0]["mean"], rel=1e-6)
+
+
+def test_tune_selects_on_validation_not_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid's test-best and validation-best differ by construction: the stub validation
+    metric is minus the run's own test MSE, so validation prefers the test-WORST value.
+    Choosing that value proves the choice follows validation; a diverging value is never chosen."""
+    seen: list[Path] = []
+
+    def fake_validation(run_dir: Path | str, *, device: str | None = None) -> float:
+        seen.append(Path(run_dir))
+        return -json.loads((Path(run_dir) / "results.json").read_text())["mean"]
+
+    monkeypatch.setattr(C, "validation_metric", fake_validation)
+    grid = ["inner.lr=0.001,0.03,0.3,1e30"]  # 1e30 makes the meta-loss non-finite
+    s = C.compare({}, "sgd", 1, tmp_path, overrides=QUICK + ["train.iterations=3"], tune=grid, device="cpu", log=None)
+    t = s["rows"][0]["tune"]
+    assert t["split"] == "val" and t["grid"] == {"inner.lr": [0.001, 0.03, 0.3, 1e30]}
+    by_lr = {r["values"]["inner.lr"]: r for r in t["results"]}
+    assert by_lr[1e30]["val_metric"] is None and by_lr[1e30]["diverged"]
+    (dead,) = by_lr[1e30]["diverged"]
+    assert json.loads((Path(dead) / "diverged.json").read_text())["iteration"] == 1
+    tests = {lr: json.loads((tmp_path / f"sgd/tune/inner.lr={lr}/seed0/results.json").read_text())["mean"]
+             for lr in ("0.001", "0.03", "0.3")}
+    test_best, test_worst = min(tests, key=tests.get), max(tests, key=tests.get)
+    assert test_best != test_worst
+    assert t["chosen"] == {"inner.lr": float(test_worst)}
+    # Tuning runs use their own seeds; the final seed trains the chosen value.
+    assert config_mod.load(tmp_path / "sgd/tune/inner.lr=0.03/seed0/config.yaml")["train"]["seed"] == C.TUNE_SEED_OFFSET
+    final = config_mod.load(tmp_path / "sgd/seed0/config.yaml")
+    assert final["inner"]["lr"] == float(test_worst) and final["train"]["seed"] == 0
+    assert all("tune" in p.parts for p in seen)  # validation scored only tuning runs
+    md = (tmp_path / "summary.md").read_text()
+    assert f"**{float(test_worst)} →" in md and "1e+30 → diverged" in md
+    assert (tmp_path / "plots/compare_tune.png").is_file()
+
+
+def test_entry_that_sets_the_tuned_key_is_not_tuned(tmp_path: Path) -> None:
+    s = C.compare({}, "sgd:lr=0.02", 1, tmp_path, overrides=QUICK, tune=["inner.lr=0.1,0.2"], device="cpu", log=None)
+    assert s["rows"][0]["tune"] == {"skipped": "inner.lr set by the --inner entry", "chosen": {"inner.lr": 0.02}}
+    assert not (tmp_path / "sgd_lr=0.02/tune").exists()
+
+
+def test_validation_metric_reads_validation_tasks(tmp_path: Path) -> None:
+    # eval_every=2 with 3 iterations: no validation at the last iteration, so it is evaluated.
+    C.compare({}, "sgd", 1, tmp_path, overrides=QUICK + ["train.eval_tasks=3", "train.iterations=3",
+                                                         "train.eval_every=2"], device="cpu", log=None)
+    run = tmp_path / "sgd/seed0"
+    v = C.validation_metric(run)
+    assert v == pytest.approx(evaluate_run(run, split="val", write=False)["mean"])
+    assert v != pytest.approx(json.loads((run / "results.json").read_text())["mean"])
+    assert json.loads((run / "results_val.json").read_text())["tasks"] == 3
+    # With a validation at the last iteration, the run's own number is that same evaluation.
+    C.compare({}, "sgd", 1, tmp_path / "b", overrides=QUICK + ["train.eval_tasks=3"], device="cpu", log=None)
+    run_b = tmp_path / "b/sgd/seed0"
+    v_b = C.validation_metric(run_b)
+    assert not (run_b / "results_val.json").exists()
+    assert v_b == pytest.approx(evaluate_run(run_b, split="val", write=False)["mean"], rel=1e-6)
+    # Per-task test values by re-evaluation reproduce the saved test mean (and are cached).
+    values = C.per_task_test_values(run)
+    assert len(values) == 4 and statistics.mean(values) == pytest.approx(
+        json.loads((run / "results.json").read_text())["mean"], rel=1e-9)
+    assert json.loads((run / "results_test_values.json").read_text())["values"] == values
+
+
+def test_cli_compare_with_tune_and_no_rerun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sets = [a for s in QUICK for a in ("--set", s)]
+    argv = ["compare", str(Path(__file__).resolve().parents[1] / "configs/sinusoid.yaml"), "--inner", "sgd,adafactor", "--seeds", "2", "--out", str(tmp_path),
+            "--tune", "inner.lr=0.01,0.1", "--device", "cpu", *sets]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for row in summary["rows"]:
+        t = row["tune"]
+        assert t["grid"] == {"inner.lr": [0.01, 0.1]} and len(t["results"]) == 2
+        assert all(math.isfinite(r["val_metric"]) for r in t["results"]) and t["chosen"]["inner.lr"] in (0.01, 0.1)
+    assert "| sgd | 2 |" in out and "Tuning (validation mse" in out and "| adafactor − sgd |" in out
+    assert cli.main(argv + ["--no-rerun", "--set", "inner.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metaopt: error: ") and "'inner.steps' is 1 there but 2 now" in err
+
+

@@ -1,0 +1,212 @@
+"""Run directories that are reused only when they hold the run asked for.
+
+A comparison or a study trains hundreds of runs and must survive being stopped and started
+again; it must also never report a run of another config as this one (a changed
+``inner.steps`` or ``train.iterations`` with the old numbers). :func:`run_config` decides per
+run directory from its saved ``config.yaml`` (:func:`config_diff`): reuse, resume, extend,
+re-run (the old directory kept) or refuse, naming the differing key. A run whose meta-loss
+goes non-finite is recorded as diverged (``diverged.json``) instead of stopping everything.
+
+:func:`validation_metric` and :func:`per_task_test_values` read a finished run's final
+checkpoint on the fixed validation tasks (for tuning) and on the fixed test tasks, per task
+(for paired differences).
+
+Example:
+    >>> from metaopt.config import resolve
+    >>> config_diff(resolve({"train": {"progress": False}}), resolve({}))   # cosmetic: same run
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from metaopt import config as config_mod
+from metaopt.config import Config, ConfigError
+from metaopt.loop import NonFiniteLossError
+from metaopt.rundir import write_json
+from metaopt.train import RESUMABLE_KEYS, Trainer, evaluate_run, make_resumed_trainer
+
+#: Keys that do not change what a run computes (where it runs, where the data is read from,
+#: what it draws and how often it saves); a finished run is reused across them. Every other
+#: key is part of a run's identity.
+COSMETIC_KEYS = frozenset({"train.device", "train.progress", "train.tensorboard", "train.plots",
+                           "train.checkpoint_every", "task.root"})
+
+
+def config_diff(saved: Mapping[str, Mapping[str, Any]], wanted: Mapping[str, Mapping[str, Any]], *,
+                ignore: frozenset[str] = COSMETIC_KEYS) -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two resolved configs, as ``(key, saved, wanted)``;
+    a key missing on one side shows ``"<unset>"`` there.
+
+    Example:
+        >>> from metaopt.config import resolve
+        >>> config_diff(resolve({"inner": {"steps": 1}}), resolve({"inner": {"steps": 2}}))
+        [('inner.eval_steps', 1, 2), ('inner.steps', 1, 2)]
+    """
+    out = []
+    for s in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(s) or {}, wanted.get(s) or {}
+        for k in sorted(set(a) | set(b)):
+            key = f"{s}.{k}"
+            va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
+            if key not in ignore and va != vb:
+                out.append((key, va, vb))
+    return out
+
+
+def _yaml_value(v: Any) -> str:
+    # JSON is YAML: true/false/null/numbers/quoted strings read back as the same value.
+    return json.dumps(list(v) if isinstance(v, tuple) else v)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _stale_dir(run_dir: Path) -> Path:
+    k = 1
+    while run_dir.with_name(f"{run_dir.name}.stale-{k}").exists():
+        k += 1
+    return run_dir.with_name(f"{run_dir.name}.stale-{k}")
+
+
+def _describe_diff(diffs: Sequence[tuple[str, Any, Any]]) -> str:
+    parts = [f"config key {k!r} is {old!r} there but {new!r} now" for k, old, new in diffs[:5]]
+    return ", ".join(parts) + (f" (and {len(diffs) - 5} more keys)" if len(diffs) > 5 else "")
+
+
+def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, rerun: bool = True,
+               log: Callable[[str], None] | None = None, message: str = "") -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``, or reuse what is there when it is the same run.
+
+    * same config (:func:`config_diff` of the saved ``config.yaml``, ignoring
+      :data:`COSMETIC_KEYS`), finished: its ``results.json`` is read;
+    * same config, interrupted (a checkpoint, no results for ``train.iterations``): resumed;
+    * only ``train.iterations`` grew: the run is extended from its last checkpoint (resuming
+      continues the same random streams, so this equals a fresh run of the longer schedule);
+    * anything else: with ``rerun`` the old directory is moved to ``RUN_DIR.stale-K`` and the
+      run trained afresh; without, :class:`~metaopt.config.ConfigError` names the differing key.
+
+    A non-finite meta-loss does not stop a comparison: the run is recorded as diverged
+    (``diverged.json``: iteration and value) and reported by name.
+
+    Returns:
+        ``{"run_dir", "status": "ok" | "diverged", "results": results.json or None,
+        "diverged": {"iteration", "value"} or None}``.
+
+    Raises:
+        ConfigError: ``run_dir`` holds another config and ``rerun`` is False.
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    resume_iterations: int | None = None
+    if saved_path.is_file():
+        diffs = config_diff(config_mod.load(saved_path), cfg)
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        diverged = _read_json(run_dir / "diverged.json")
+        results = _read_json(run_dir / "results.json")
+        if not diffs:
+            if diverged is not None:
+                return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": diverged}
+            if results is not None and results.get("iteration") == cfg["train"]["iterations"]:
+                return _record(run_dir, results)
+            if ckpt.is_file():
+                resume_iterations = cfg["train"]["iterations"]
+        elif ([d[0] for d in diffs] == ["train.iterations"] and diverged is None and ckpt.is_file()
+              and cfg["train"]["iterations"] > diffs[0][1]):
+            resume_iterations = cfg["train"]["iterations"]
+        else:
+            if not rerun:
+                raise ConfigError(f"{run_dir} holds a run of another config: {_describe_diff(diffs)}; "
+                                  "re-run without --no-rerun to replace it (the old run is kept)")
+            stale = _stale_dir(run_dir)
+            run_dir.rename(stale)
+            if log:
+                log(f"[compare] {run_dir}: {_describe_diff(diffs)}; moved the old run to {stale}")
+    try:
+        if resume_iterations is not None:
+            keep = [f"train.{k}={_yaml_value(cfg['train'][k])}" for k in ("iterations", "progress", "tensorboard",
+                                                                          "plots", "checkpoint_every")]
+            assert all(o.split("=")[0] in RESUMABLE_KEYS for o in keep)
+            if log:
+                log(f"{message} (resuming from {run_dir / 'checkpoints' / 'last.pt'})")
+            results = make_resumed_trainer(run_dir, overrides=keep, device=device).fit()
+        else:
+            if log:
+                log(message or f"[compare] training {run_dir}")
+            results = Trainer(cfg, run_dir, device=device).fit()
+    except NonFiniteLossError as e:
+        value = getattr(e, "value", None)
+        info = {"iteration": e.iteration, "value": None if value is None else repr(value), "message": str(e)}
+        write_json(run_dir / "diverged.json", info)
+        return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": info}
+    return _record(run_dir, results)
+
+
+def _record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    mean = results.get("mean")
+    if mean is not None and not math.isfinite(mean):  # finite loss, non-finite test metric
+        info = {"iteration": results.get("iteration"), "value": repr(mean), "where": "test metric"}
+        return {"run_dir": str(run_dir), "status": "diverged", "results": results, "diverged": info}
+    return {"run_dir": str(run_dir), "status": "ok", "results": results, "diverged": None}
+
+
+def validation_metric(run_dir: str | Path, *, device: str | None = None) -> float:
+    """Mean metric of ``run_dir``'s final checkpoint on its ``train.eval_tasks`` validation
+    tasks (the fixed validation set). This, never the test metric, is what
+    :func:`metaopt.compare.compare` tunes on.
+
+    The run's own validation at its last iteration (``metrics.csv``) is that number when
+    ``train.eval_every`` divides ``train.iterations``; otherwise the checkpoint is evaluated
+    on the same tasks (cached in ``results_val.json``).
+    """
+    run_dir = Path(run_dir)
+    it = (_read_json(run_dir / "results.json") or {}).get("iteration")
+    if it is not None and (run_dir / "metrics.csv").is_file():
+        from metaopt.plots import read_metrics
+
+        cols = read_metrics(run_dir / "metrics.csv")
+        last = [v for x, v in zip(cols.get("iteration", []), cols.get("val_metric", [])) if x == it and not math.isnan(v)]
+        if last:
+            return float(last[-1])
+    cached = _read_json(run_dir / "results_val.json")
+    if cached is not None and it is not None and cached.get("iteration") == it:
+        return float(cached["mean"])
+    return float(evaluate_run(run_dir, split="val", device=device)["mean"])
+
+
+def per_task_test_values(run_dir: str | Path, *, device: str | None = None) -> list[float]:
+    """Per-task test metric of ``run_dir``'s final checkpoint, task ``i`` being the same task
+    in every run of a config (test tasks come from a fixed seed).
+
+    Uses ``results.json``'s ``values`` when the run saved them; otherwise re-evaluates the
+    checkpoint on the same test tasks (cached in ``results_test_values.json``) and checks
+    that the mean equals the saved one.
+
+    Raises:
+        RuntimeError: the re-evaluation does not reproduce the saved test mean.
+    """
+    run_dir = Path(run_dir)
+    res = _read_json(run_dir / "results.json") or {}
+    if isinstance(res.get("values"), list):
+        return [float(v) for v in res["values"]]
+    cache = _read_json(run_dir / "results_test_values.json")
+    if cache is not None and cache.get("iteration") == res.get("iteration") and cache.get("tasks") == res.get("tasks"):
+        return [float(v) for v in cache["values"]]
+    trainer = Trainer(run_dir / "config.yaml", run_dir, device=device, resume=True)
+    ev = trainer.evaluate("test")
+    assert ev is not None
+    saved = res.get("mean")
+    if saved is not None and abs(ev.mean - saved) > 1e-4 * max(1.0, abs(saved)):
+        raise RuntimeError(f"re-evaluating {run_dir} gave test mean {ev.mean!r}, results.json says {saved!r}")
+    write_json(run_dir / "results_test_values.json",
+               {"iteration": trainer.iteration, "tasks": ev.tasks, "metric": ev.metric, "values": ev.values})
+    return list(ev.values)
+
+
+__all__ = ["COSMETIC_KEYS", "config_diff", "per_task_test_values", "run_config", "validation_metric"]

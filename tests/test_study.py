@@ -1,0 +1,105 @@
+"""metaopt.study and experiments/study.py: the shipped specs parse and name valid optimizer
+arguments, bad specs are refused by name, a tiny study runs end to end, and re-running it
+reuses every run (resumable)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from metaopt import config as config_mod
+from metaopt import optim
+from metaopt.compare import _inner_config
+from metaopt.config import ConfigError
+from metaopt.study import load_study, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = sorted((REPO / "configs/study").glob("*.yaml"))
+TINY = ["train.iterations=2", "train.eval_every=1", "train.eval_tasks=2", "train.test_tasks=4",
+        "train.meta_batch_size=2", "train.tensorboard=false", "train.plots=false"]
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.name != "optimizers.yaml"], ids=lambda p: p.stem)
+def test_shipped_specs(spec: Path) -> None:
+    study = load_study(spec)
+    assert study.config is not None and study.config.is_file() and study.seeds >= 3
+    labels = [o.label for o in study.optimizers]
+    assert {"sgd", "sgd_momentum", "adam", "rmsprop", "lion", "adafactor_torch", "adafactor_hf_scaled",
+            "adafactor_hf_unscaled", "adafactor_paper"} == set(labels)
+    base = config_mod.read_yaml(study.config)
+    for o in study.optimizers:
+        if o.label == "adafactor_paper":
+            assert not o.tune and o.kwargs["lr"] is None and o.kwargs["relative_step"] is True
+        else:
+            assert list(o.tune) == ["inner.lr"] and len(o.tune["inner.lr"]) >= 5
+        if o.name in optim.names():  # the presets of this installation take these arguments
+            sets = [f"inner.{k}={json.dumps(v)}" for k, v in o.entry().items()]
+            cfg = _inner_config(base, list(study.overrides) + list(study.budget), sets)
+            assert cfg["inner"]["name"] == o.name
+
+
+@pytest.mark.parametrize("text, match", [
+    ("config: null\noptimizers: [{name: sgd}]\n", "needs a 'name'"),
+    ("name: s\nbogus: 1\noptimizers: [{name: sgd}]\n", "unknown key"),
+    ("name: s\noptimizers: []\n", "non-empty list"),
+    ("name: s\noptimizers: [{label: a}]\n", "needs a 'name'"),
+    ("name: s\noptimizers: [{name: sgd, lr: 1}]\n", "unknown key"),
+    ("name: s\noptimizers: [{name: sgd}, {name: sgd}]\n", "used twice"),
+    ("name: s\nseeds: 0\noptimizers: [{name: sgd}]\n", "'seeds' must be an int >= 1 but is: 0"),
+    ("name: s\noptimizers: [{name: sgd, tune: {inner.lr: []}}]\n", "at least one value"),
+    ("name: s\noverrides: train.iterations=2\noptimizers: [{name: sgd}]\n", "list of KEY=VALUE"),
+])
+def test_bad_specs(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_study(tmp_path / "s.yaml")
+
+
+def test_unavailable_optimizer_is_named_before_anything_runs(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("name: s\noptimizers: [{name: sgd}, {name: no_such_opt}]\n")
+    study = load_study(tmp_path / "s.yaml")
+    with pytest.raises(ConfigError, match="needs inner optimizer.s. no_such_opt that this installation lacks"):
+        run_study(study, tmp_path / "runs", tmp_path / "results")
+    with pytest.raises(ConfigError, match="--only: unknown optimizer label"):
+        run_study(study, tmp_path / "runs", tmp_path / "results", only=["adam"])
+    assert not (tmp_path / "runs").exists()
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("experiments_study", REPO / "experiments" / "study.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_script_end_to_end_and_resumable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "opts.yaml").write_text(
+        "optimizers:\n"
+        "  - {label: sgd, name: sgd, tune: {inner.lr: [0.001, 0.01]}}\n"
+        "  - {label: torch_af, name: adafactor, tune: {inner.lr: [0.01, 0.1]}}\n"
+        "  - {label: other, name: no_such_opt}\n")
+    (tmp_path / "tiny.yaml").write_text(
+        f"name: tiny\nconfig: {REPO / 'configs/sinusoid_10shot.yaml'}\noptimizers: opts.yaml\nseeds: 2\n"
+        "overrides: [train.progress=false]\nbudget: [train.iterations=3]\n")
+    mod = _load_script()
+    argv = [str(tmp_path / "tiny.yaml"), "--only", "sgd,torch_af", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"), "--device", "cpu", *[a for s in TINY for a in ("--set", s)]]
+    assert mod.main(argv) == 0
+    first = capsys.readouterr()
+    assert first.err.count("[compare]") == 2 * 2 + 2 * 2  # 2 grid values + 2 seeds, per optimizer
+    summary = json.loads((tmp_path / "results/tiny/summary.json").read_text())
+    assert [r["inner"] for r in summary["rows"]] == ["sgd", "torch_af"] and summary["budget"] == ["train.iterations=3"]
+    assert all(r["tune"]["split"] == "val" and r["finite_seeds"] == 2 for r in summary["rows"])
+    index = (tmp_path / "results/README.md").read_text()
+    assert "reduced budget: `train.iterations=3`, then `train.iterations=2" in index  # what really ran
+    assert "## tiny" in index and "| torch_af − sgd |" in index and "(tiny/plots/compare_final_mse.png)" in index
+    assert (tmp_path / "results/tiny/plots/compare_final_mse.png").is_file()
+    # Re-running the same command trains nothing; the missing optimizer is refused by name.
+    assert mod.main(argv) == 0
+    assert "[compare]" not in capsys.readouterr().err
+    assert mod.main(argv[:1] + argv[3:]) == 2
+    assert "no_such_opt" in capsys.readouterr().err
