@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaopt._exact_ops import engine_context, needs_exact_ops, vmap_support
 from metaopt.models import BatchNorm
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.types import Buffers, Params
@@ -105,20 +106,27 @@ def has_torch_batchnorm(model: nn.Module) -> bool:
 
 
 def default_vectorize(model: nn.Module, device: torch.device | str) -> bool:
-    """The rule ``vectorize="auto"`` applies: is ``vmap`` over tasks expected to be faster?
+    """The rule ``vectorize="auto"`` applies: is ``vmap`` over tasks exact and faster?
 
-    - never when the model contains ``torch.nn.BatchNorm*`` (wrong second-order gradients
-      under vmap in torch 2.13; the loop is exact);
+    Exactness first: only when every module of the model is in the engine's tested table of
+    layers exact to second order under ``vmap`` (a module without parameters or buffers of
+    its own, such as a user's container, is judged by its submodules); any other module
+    (``nn.LSTM``, ``spectral_norm``, a layer of unknown provenance holding parameters) means
+    the per-task loop, which is exact for them. Then speed:
+
     - always on CUDA (one batched kernel per layer instead of one per task);
     - on CPU only for models without convolutions (MLP-sized models gain from batching the
       small matmuls; batched convolutions under vmap are slower than the loop on CPU).
 
     Example:
+        >>> from torch import nn
         >>> from metaopt.models import MLP, Conv4
         >>> default_vectorize(MLP(), "cpu"), default_vectorize(Conv4(5), "cpu")
         (True, False)
+        >>> default_vectorize(nn.LSTM(2, 3), "cuda")
+        False
     """
-    if has_torch_batchnorm(model):
+    if vmap_support(model)[0] != "exact":
         return False
     if torch.device(device).type == "cuda":
         return True
@@ -139,6 +147,69 @@ def _check_versions(params: Params, versions: list[int]) -> None:
         raise RuntimeError(
             "the inner optimizer modified the model's parameters in place; step(params, grads, "
             "state) must return new tensors and leave its inputs unchanged"
+        )
+
+
+_CLASSIFICATION_LOSSES = (F.cross_entropy, F.nll_loss)
+_CLASSIFICATION_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_REGRESSION_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_REGRESSION_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+
+def _check_loss_inputs(loss_fn: Any, out: Tensor, y: Tensor) -> None:
+    """Refuse the two silent traps of torch's stock losses (a user's own loss is theirs):
+
+    - cross-entropy / NLL on float targets. Torch reads float targets of the output's shape
+      as class probabilities, so a regression target ``(N, 1)`` against one output column
+      gives a loss of exactly 0 (softmax over one class). Float targets are accepted only as
+      class probabilities: same shape as the output, at least two classes (dim 1).
+    - MSE-like losses on outputs and targets of different shapes: torch broadcasts them
+      (``(10, 1)`` against ``(10,)`` is a ``(10, 10)`` loss) with only a warning.
+    """
+    if loss_fn in _CLASSIFICATION_LOSSES or isinstance(loss_fn, _CLASSIFICATION_MODULES):
+        if y.is_floating_point():
+            soft = loss_fn is not F.nll_loss and not isinstance(loss_fn, nn.NLLLoss)
+            soft = soft and out.shape == y.shape and out.dim() >= 2 and out.shape[1] > 1
+            if not soft:
+                raise ValueError(
+                    f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is a classification "
+                    f"loss but the targets are {y.dtype} {tuple(y.shape)} (output {tuple(out.shape)}): "
+                    "for regression pass loss_fn=torch.nn.functional.mse_loss; class targets must be "
+                    "integer indices (or class probabilities shaped like the output, >= 2 classes)"
+                )
+    elif loss_fn in _REGRESSION_LOSSES or isinstance(loss_fn, _REGRESSION_MODULES):
+        if out.shape != y.shape:
+            raise ValueError(
+                f"the model's output {tuple(out.shape)} and the targets {tuple(y.shape)} of "
+                f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} must have the same shape "
+                "(torch would broadcast them into a wrong loss); reshape the targets or the output"
+            )
+
+
+def _unused(loss: Tensor, params: Params) -> list[str]:
+    """Names of ``params`` that ``loss``'s autograd graph does not reach (a walk over the
+    graph of the first real support loss; ``torch.func.grad`` itself returns zeros)."""
+    seen, reached, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf the graph reaches
+        if var is not None:
+            reached.add(id(var))
+        stack.extend(f for f, _ in node.next_functions)
+    return [k for k, p in params.items() if id(p) not in reached]
+
+
+def _check_task_dim(x: Tensor, where: str) -> None:
+    """A float input ``(N, 1)`` would be N tasks of one scalar example: almost surely one
+    task's ``(examples, features)`` without the task dimension."""
+    if x.is_floating_point() and x.dim() == 2 and x.shape[1] == 1 and x.shape[0] > 1:
+        raise ValueError(
+            f"{where} inputs {tuple(x.shape)} read as {x.shape[0]} tasks of one scalar example each; "
+            "inputs need a leading task dimension (tasks, examples, ...): for one task of "
+            f"{x.shape[0]} examples use x.unsqueeze(0), shape (1, {x.shape[0]}, 1)"
         )
 
 
@@ -238,12 +309,14 @@ class MAML(nn.Module):
             raise TypeError(f"loss_fn must be callable (output, target) -> scalar but is {loss_fn!r}")
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto' but is: {vectorize!r}")
-        if vectorize is True and has_torch_batchnorm(model):
-            raise ValueError(
-                "vectorize=True cannot be used with a model containing torch.nn.BatchNorm*: under "
-                "torch.func.vmap its second-order gradients are wrong. Use "
-                "metaopt.models.BatchNorm (same function, exact under vmap) or vectorize=False"
-            )
+        if vectorize is True:
+            support, what = vmap_support(model)
+            if support == "wrong":
+                raise ValueError(
+                    f"vectorize=True cannot be used with a model containing {what}: under "
+                    "torch.func.vmap its meta-gradient is wrong or fails in torch. Use "
+                    "vectorize=False (the per-task loop is exact) or vectorize='auto'"
+                )
         if chunk_size is not None:
             _check_int(chunk_size, "chunk_size")
             if chunk_size == 0:
@@ -270,7 +343,6 @@ class MAML(nn.Module):
                 if key in self.inner_hparams:
                     raise ValueError(f"two inner-optimizer hyperparameters map to the name {key!r}")
                 self.inner_hparams[key] = p
-        self._unused_checked = False
 
     def extra_repr(self) -> str:
         return (
@@ -314,6 +386,7 @@ class MAML(nn.Module):
 
     def _loss(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, fixed, buffers, x)
+        _check_loss_inputs(self.loss_fn, out, y)
         loss = self.loss_fn(out, y)
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor but returned {type(loss).__name__}")
@@ -334,12 +407,17 @@ class MAML(nn.Module):
         ``params`` must hold every parameter of the model (``strict=True``), as ``adapt``
         returns. Normalisation layers use batch statistics (see ``batch_stats``).
         """
-        with self._norm_mode():
+        with self._norm_mode(), self._engine(torch.is_grad_enabled(), vectorized=False):
             return functional_call(
                 self.model, (params, {k: b.clone() for k, b in self.model.named_buffers()}), (x,), strict=True
             )
 
     # ------------------------------------------------------------------ inner loop
+
+    def _engine(self, graph: bool, vectorized: bool) -> contextlib.AbstractContextManager:
+        """Exact replacements for ops with wrong higher derivatives, and the math attention
+        kernel when a graph is built (see :mod:`metaopt._exact_ops`)."""
+        return engine_context(needs_exact_ops(self.model, vectorized), graph)
 
     def _steps(self, train: bool, steps: int | None) -> int:
         if steps is None:
@@ -412,8 +490,9 @@ class MAML(nn.Module):
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
-        with self._norm_mode():
-            params = self._adapt_one(params0, fixed, buffers, x, y, n, self._mode(train))
+        mode = self._mode(train)
+        with self._norm_mode(), self._engine(mode != "none", vectorized=False):
+            params = self._adapt_one(params0, fixed, buffers, x, y, n, mode)
         _check_versions(params0, versions)
         return {**fixed, **params}
 
@@ -454,6 +533,8 @@ class MAML(nn.Module):
         """
         b = as_task_batch(batch)
         (xs, ys), (xq, yq) = b.support, b.query
+        _check_task_dim(xs, "support")
+        _check_task_dim(xq, "query")
         if xs.shape[2:] != xq.shape[2:]:
             raise ValueError(
                 f"support inputs {tuple(xs.shape)} and query inputs {tuple(xq.shape)} must have the "
@@ -474,16 +555,17 @@ class MAML(nn.Module):
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
-        with self._norm_mode():
-            if self._use_vmap(xs.device):
-                res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
+        vmap = self._use_vmap(xs.device)
+        with self._norm_mode(), self._engine(mode != "none", vectorized=vmap):
+            if vmap:
+                res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify)
                 if backward:  # all tasks share one vmapped graph: one backward for all
                     res["loss"].mean().backward()
                     res["loss"] = res["loss"].detach()
             else:
-                res = self._meta_loss_loop(
-                    params0, fixed, buffers, b, n, mode, classify, before, backward
-                )
+                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, backward)
+            if before:
+                res.update(self._before(params0, fixed, buffers, xq, yq, classify, vmap))
         _check_versions(params0, versions)
         loss_t = res["loss"]
         return MetaLossOutput(
@@ -502,10 +584,10 @@ class MAML(nn.Module):
 
     def _meta_loss_loop(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
-        classify: bool, before: bool, backward: bool = False,
+        classify: bool, backward: bool = False,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
-        losses, accs, losses0, accs0 = [], [], [], []
+        losses, accs = [], []
         scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
@@ -519,37 +601,53 @@ class MAML(nn.Module):
             if classify:
                 with torch.no_grad():
                     accs.append(self._accuracy(out, yq[i]))
-            if before:
-                with torch.no_grad():
-                    loss0, out0 = self._loss(params0, fixed, buffers, xq[i], yq[i])
-                    losses0.append(loss0)
-                    if classify:
-                        accs0.append(self._accuracy(out0, yq[i]))
         res = {"loss": torch.stack(losses)}
         if classify:
             res["acc"] = torch.stack(accs)
-        if before:
-            res["loss0"] = torch.stack(losses0)
-            if classify:
-                res["acc0"] = torch.stack(accs0)
         return res
+
+    def _before(
+        self, params0: Params, fixed: Params, buffers: Buffers, xq: Tensor, yq: Tensor, classify: bool,
+        vmap: bool,
+    ) -> dict[str, Tensor]:
+        """Query loss/accuracy at the meta-parameters, without grad, on a forked random
+        stream: dropout here draws its own masks and leaves the training stream (and so the
+        adapted results under a fixed seed) exactly as without ``before``."""
+        params0 = {k: p.detach() for k, p in params0.items()}
+
+        def task(xq_i: Tensor, yq_i: Tensor, bufs: Buffers) -> dict[str, Tensor]:
+            loss0, out0 = self._loss(params0, fixed, bufs, xq_i, yq_i)
+            return {"loss0": loss0, "acc0": self._accuracy(out0, yq_i)} if classify else {"loss0": loss0}
+
+        dev = xq.device
+        with torch.no_grad(), torch.random.fork_rng(
+            devices=[dev] if dev.type != "cpu" else [], device_type=dev.type if dev.type != "cpu" else "cuda"
+        ):
+            if vmap:
+                bufs = {k: v.expand(xq.shape[0], *v.shape) for k, v in buffers.items()}
+                return torch.func.vmap(task, randomness="different", chunk_size=self.chunk_size)(xq, yq, bufs)
+            per = [task(xq[i], yq[i], buffers) for i in range(xq.shape[0])]
+            return {k: torch.stack([r[k] for r in per]) for k in per[0]}
 
     def _meta_loss_vmap(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
-        classify: bool, before: bool,
+        classify: bool,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
         T = b.num_tasks
-        if n > 0 and not self.allow_unused and not self._unused_checked:
-            # torch.func.grad silently returns zeros for unused inputs: check once on task 0.
-            self._adapt_one(params0, fixed, buffers, xs[0], ys[0], 1, "none")
-            self._unused_checked = True
         if mode == "none":
             params0 = {k: p.detach() for k, p in params0.items()}
         opt = self.inner_optimizer
+        # torch.func.grad silently returns zeros for unused inputs: the first support loss's
+        # graph is walked instead (no extra forward, no random numbers drawn).
+        pending = [n > 0 and not self.allow_unused]
 
         def support_loss(params: Params, bufs: Buffers, x: Tensor, y: Tensor) -> Tensor:
-            return self._loss(params, fixed, bufs, x, y)[0]
+            loss = self._loss(params, fixed, bufs, x, y)[0]
+            if pending[0]:
+                pending[0] = False
+                self._fill_unused(params, [None if k in _unused(loss, params) else p for k, p in params.items()])
+            return loss
 
         grad_fn = torch.func.grad(support_loss)
 
@@ -564,14 +662,9 @@ class MAML(nn.Module):
                 params, state = opt.step(params, grads, state)
             loss, out = self._loss(params, fixed, bufs, xq_i, yq_i)
             res = {"loss": loss}
-            with torch.no_grad():
-                if classify:
+            if classify:
+                with torch.no_grad():
                     res["acc"] = self._accuracy(out, yq_i)
-                if before:
-                    loss0, out0 = self._loss(params0, fixed, bufs, xq_i, yq_i)
-                    res["loss0"] = loss0
-                    if classify:
-                        res["acc0"] = self._accuracy(out0, yq_i)
             return res
 
         # Buffers mapped as expanded views (no copy); each forward clones its own per task.
