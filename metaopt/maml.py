@@ -556,7 +556,8 @@ class MAML(nn.Module):
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
         vmap = self._use_vmap(xs.device)
-        with self._norm_mode(), self._engine(mode != "none", vectorized=vmap):
+        # Math attention kernel for any inner step: flash's backward has no batching rule.
+        with self._norm_mode(), self._engine(mode != "none" or vmap, vectorized=vmap):
             if vmap:
                 res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify)
                 if backward:  # all tasks share one vmapped graph: one backward for all
