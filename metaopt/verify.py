@@ -157,8 +157,9 @@ def verify(
     """Check ``maml`` (its model, inner optimizer and settings) on ``batch``.
 
     Args:
-        maml: the :class:`metaopt.MAML` to check; it is not modified (checks (a) and (b) run
-            on a float64 deep copy; (c) runs ``meta_loss`` on it and compares its state).
+        maml: the :class:`metaopt.MAML` to check; it is left as it was (checks (a) and (b)
+            run on a float64 deep copy; (c) runs ``meta_loss`` on it, compares its state and
+            restores it if an inner optimizer wrote into it).
         batch: a batch as for :meth:`MAML.meta_loss`; a small one (2 tasks) is enough.
         directions: random directions for the finite-difference check (>= 1).
         eps: finite-difference step in float64 (> 0); the truncation error is O(eps^2).
@@ -198,6 +199,10 @@ def verify(
         changed.append(str(err).split(";")[0])
     after = _state(maml)
     changed += [k for k in before if not torch.equal(before[k], after[k])]
+    if changed:  # put the user's model back as it was
+        with torch.no_grad():
+            for k, t in [*maml.named_parameters(), *maml.named_buffers()]:
+                t.copy_(before[k])
 
     # (a) Finite differences on a float64 copy, at second order.
     m64 = copy.deepcopy(maml).double()
