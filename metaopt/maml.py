@@ -202,6 +202,11 @@ def _unused(loss: Tensor, params: Params) -> list[str]:
     return [k for k, p in params.items() if id(p) not in reached]
 
 
+def _in_transform(x: Tensor) -> bool:
+    """True inside a user's torch.func transform (e.g. vmap over :meth:`MAML.adapt`)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def _check_task_dim(x: Tensor, where: str) -> None:
     """A float input ``(N, 1)`` would be N tasks of one scalar example: almost surely one
     task's ``(examples, features)`` without the task dimension."""
@@ -407,7 +412,7 @@ class MAML(nn.Module):
         ``params`` must hold every parameter of the model (``strict=True``), as ``adapt``
         returns. Normalisation layers use batch statistics (see ``batch_stats``).
         """
-        with self._norm_mode(), self._engine(torch.is_grad_enabled(), vectorized=False):
+        with self._norm_mode(), self._engine(torch.is_grad_enabled(), vectorized=_in_transform(x)):
             return functional_call(
                 self.model, (params, {k: b.clone() for k, b in self.model.named_buffers()}), (x,), strict=True
             )

@@ -108,6 +108,12 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], object]] = {
         lambda: Head(nn.TransformerEncoderLayer(3, 1, dim_feedforward=4, dropout=0.0, batch_first=True), 9),
         (3, 3),
     ),
+    "TransformerEncoder": (
+        lambda: Head(nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(3, 1, dim_feedforward=4, dropout=0.0, batch_first=True), 2,
+            enable_nested_tensor=False), 9),
+        (3, 3),
+    ),
     "LSTM": (lambda: Head(nn.LSTM(3, 4, batch_first=True), 4, pick=lambda o: o[0][:, -1]), (3, 3)),
     "GRU": (lambda: Head(nn.GRU(3, 4, batch_first=True), 4, pick=lambda o: o[0][:, -1]), (3, 3)),
     "spectral_norm": (lambda: Head(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), 4), (3,)),
@@ -177,6 +183,16 @@ def test_meta_gradient_matches_finite_differences_or_refuses(layer: str, vectori
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("layer", [name for name in LAYERS if name not in REFUSED])
+def test_evaluation_vmap_equals_loop(layer: str) -> None:
+    """train=False (no graph; in eval mode torch may pick its fused inference kernels)."""
+    model, batch = model_and_batch(layer)
+    loop, vec = (MAML(model, SGD(lr=0.1), inner_steps=2, loss_fn=F.mse_loss, vectorize=v) for v in (False, True))
+    a, b = loop.meta_loss(batch, train=False), vec.meta_loss(batch, train=False)
+    assert float((a.query_loss - b.query_loss).abs().max()) <= 1e-12
+    assert float((a.query_loss_before - b.query_loss_before).abs().max()) <= 1e-12
+
+
 def test_auto_uses_vmap_only_where_exact() -> None:
     """On CUDA (where auto prefers vmap whenever it is exact) the table decides."""
     for layer in LAYERS:
@@ -184,6 +200,24 @@ def test_auto_uses_vmap_only_where_exact() -> None:
         auto = MAML(model, loss_fn=F.mse_loss)._use_vmap(torch.device("cuda"))
         # "buffers" holds a buffer of its own in a user's class: unknown, so the loop.
         assert auto == (layer not in REFUSED and layer != "buffers"), layer
+
+
+def test_functional_forward_under_a_users_vmap_is_exact() -> None:
+    """A hand-written functorch MAML step over maml.functional_forward (LayerNorm model):
+    the engine's exact ops apply inside the user's own vmap(grad(...)) too."""
+    model, batch = model_and_batch("LayerNorm")
+    maml = MAML(model, loss_fn=F.mse_loss)
+    (xs, ys) = batch.support
+
+    def task(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        p = dict(model.named_parameters())
+        g = torch.func.grad(lambda p: F.mse_loss(maml.functional_forward(p, x), y))(p)
+        return F.mse_loss(maml.functional_forward({k: p[k] - 0.3 * g[k] for k in p}, x), y)
+
+    params = list(model.parameters())
+    vec = torch.autograd.grad(torch.func.vmap(task)(xs, ys).mean(), params)
+    loop = torch.autograd.grad(torch.stack([task(xs[i], ys[i]) for i in range(2)]).mean(), params)
+    assert max(float((a - b).abs().max()) for a, b in zip(vec, loop)) <= 1e-12
 
 
 def test_outer_backward_after_meta_loss_through_attention() -> None:
