@@ -38,19 +38,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations as _pz
 from torch.nn.utils import parametrize as _parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _OldSpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
 from torch.overrides import TorchFunctionMode
 
 from metaopt import models
 from metaopt.models import BatchNorm, batch_norm
 
-__all__ = ["ExactOps", "engine_context", "needs_exact_ops", "vmap_support"]
+__all__ = ["ExactOps", "ModelInfo", "engine_context", "inspect_model", "needs_exact_ops", "vmap_support"]
 
 
 # ---------------------------------------------------------------- elementary implementations
@@ -192,18 +194,44 @@ _PLAIN = tuple(t for t in _EXACT if t not in (
 )) + (models.MLP, models.Conv4, models.ConvBlock)
 
 
-def _old_style_hooks(m: nn.Module) -> list[str]:
-    """Names of the deprecated hook-based weight/spectral norms registered on ``m``."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
+class ModelInfo(NamedTuple):
+    """What the engine needs to know about a model (one walk over its modules).
 
-    names = []
-    for h in m._forward_pre_hooks.values():
-        if isinstance(h, SpectralNorm):
-            names.append("spectral_norm")
-        elif isinstance(h, WeightNorm):
-            names.append("weight_norm")
-    return names
+    Attributes:
+        support: ``"exact"``, ``"wrong"`` or ``"unknown"`` under vmap (see :func:`vmap_support`).
+        what: the module behind ``"wrong"``/``"unknown"`` (class and name), else ``""``.
+        plain: only layers that never need :class:`ExactOps` (linear, conv, pointwise).
+        weight_norm: a weight-norm parametrization or hook is present.
+        conv: a convolution is present (vmap is slower than the loop for them on CPU).
+    """
+
+    support: str
+    what: str
+    plain: bool
+    weight_norm: bool
+    conv: bool
+
+
+def inspect_model(model: nn.Module) -> ModelInfo:
+    """Classify every module of ``model`` once (see :func:`vmap_support`)."""
+    wrong, unknown, plain, wn, conv = "", "", True, False, False
+    for name, m in model.named_modules():
+        label = type(m).__name__ + (f" ({name})" if name else "")
+        hooks = m._forward_pre_hooks.values()
+        if any(isinstance(h, _OldWeightNorm) for h in hooks) or isinstance(m, _pz._WeightNorm):
+            wn = True
+        conv = conv or isinstance(m, nn.modules.conv._ConvNd)
+        plain = plain and isinstance(m, _PLAIN)
+        if isinstance(m, nn.RNNBase):
+            wrong = wrong or label
+        elif isinstance(m, _pz._SpectralNorm) or any(isinstance(h, _OldSpectralNorm) for h in hooks):
+            wrong = wrong or f"spectral_norm on {label}"
+        elif isinstance(m, _EXACT) or isinstance(getattr(m, "parametrizations", None), nn.ModuleDict):
+            continue  # in the table (parametrization modules are judged on their own)
+        elif (m._parameters or m._buffers) and not unknown:
+            unknown = label
+    support, what = ("wrong", wrong) if wrong else ("unknown", unknown) if unknown else ("exact", "")
+    return ModelInfo(support, what, plain and not wn, wn, conv)
 
 
 def vmap_support(model: nn.Module) -> tuple[str, str]:
@@ -212,31 +240,16 @@ def vmap_support(model: nn.Module) -> tuple[str, str]:
     ``("unknown", what)`` for a module with its own parameters or buffers that is not in the
     tested table (its forward may call anything). A module without parameters or buffers of
     its own (a user's container) is judged by its submodules."""
-    unknown = ""
-    for name, m in model.named_modules():
-        label = f"{type(m).__name__}" + (f" ({name})" if name else "")
-        if isinstance(m, nn.RNNBase) or isinstance(m, _pz._SpectralNorm) or "spectral_norm" in _old_style_hooks(m):
-            return "wrong", (f"spectral_norm on {label}" if not isinstance(m, nn.RNNBase) else label)
-        if isinstance(m, _EXACT):
-            continue
-        if isinstance(getattr(m, "parametrizations", None), nn.ModuleDict):
-            continue  # the parametrization modules are judged on their own
-        if (m._parameters or m._buffers) and not unknown:
-            unknown = label
-    return ("unknown", unknown) if unknown else ("exact", "")
+    info = inspect_model(model)
+    return info.support, info.what
 
 
-def needs_exact_ops(model: nn.Module, vectorized: bool) -> bool | None:
+def needs_exact_ops(info: ModelInfo, vectorized: bool) -> bool | None:
     """``None``: no replacement needed; ``False``/``True``: enter :class:`ExactOps` with
     ``replace_norms`` off/on. The loop only needs ``torch._weight_norm`` replaced."""
-    weight_norm_used = any(
-        isinstance(m, _pz._WeightNorm) or "weight_norm" in _old_style_hooks(m) for m in model.modules()
-    )
     if not vectorized:
-        return False if weight_norm_used else None
-    if all(isinstance(m, _PLAIN) for m in model.modules()) and not weight_norm_used:
-        return None
-    return True
+        return False if info.weight_norm else None
+    return None if info.plain else True
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metaopt._exact_ops import engine_context, needs_exact_ops, vmap_support
+from metaopt._exact_ops import ModelInfo, engine_context, inspect_model, needs_exact_ops
 from metaopt.models import BatchNorm
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.types import Buffers, Params
@@ -126,11 +126,22 @@ def default_vectorize(model: nn.Module, device: torch.device | str) -> bool:
         >>> default_vectorize(nn.LSTM(2, 3), "cuda")
         False
     """
-    if vmap_support(model)[0] != "exact":
+    return _vectorize_rule(inspect_model(model), device)
+
+
+def _refuse_wrong(info: ModelInfo) -> None:
+    if info.support == "wrong":
+        raise ValueError(
+            f"vectorize=True cannot be used with a model containing {info.what}: under "
+            "torch.func.vmap its meta-gradient is wrong or fails in torch. Use "
+            "vectorize=False (the per-task loop is exact) or vectorize='auto'"
+        )
+
+
+def _vectorize_rule(info: ModelInfo, device: torch.device | str) -> bool:
+    if info.support != "exact":
         return False
-    if torch.device(device).type == "cuda":
-        return True
-    return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return torch.device(device).type == "cuda" or not info.conv
 
 
 def _check_int(value: Any, name: str, *, allow_none: bool = False) -> None:
@@ -315,13 +326,7 @@ class MAML(nn.Module):
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto' but is: {vectorize!r}")
         if vectorize is True:
-            support, what = vmap_support(model)
-            if support == "wrong":
-                raise ValueError(
-                    f"vectorize=True cannot be used with a model containing {what}: under "
-                    "torch.func.vmap its meta-gradient is wrong or fails in torch. Use "
-                    "vectorize=False (the per-task loop is exact) or vectorize='auto'"
-                )
+            _refuse_wrong(inspect_model(model))
         if chunk_size is not None:
             _check_int(chunk_size, "chunk_size")
             if chunk_size == 0:
@@ -419,10 +424,20 @@ class MAML(nn.Module):
 
     # ------------------------------------------------------------------ inner loop
 
-    def _engine(self, graph: bool, vectorized: bool) -> contextlib.AbstractContextManager:
+    def _engine(self, graph: bool, vectorized: bool, info: ModelInfo | None = None) -> contextlib.AbstractContextManager:
         """Exact replacements for ops with wrong higher derivatives, and the math attention
         kernel when a graph is built (see :mod:`metaopt._exact_ops`)."""
-        return engine_context(needs_exact_ops(self.model, vectorized), graph)
+        info = info or self._info()
+        # A plain model (linear/conv/pointwise layers only) cannot reach attention.
+        return engine_context(needs_exact_ops(info, vectorized), graph and not info.plain)
+
+    def _info(self) -> ModelInfo:
+        """:func:`metaopt._exact_ops.inspect_model`, recomputed only when the model's
+        modules or hooks change (a parametrization added after construction, ...)."""
+        key = tuple((id(m), len(m._forward_pre_hooks)) for m in self.model.modules())
+        if getattr(self, "_info_key", None) != key:
+            self._info_key, self._info_cache = key, inspect_model(self.model)
+        return self._info_cache
 
     def _steps(self, train: bool, steps: int | None) -> int:
         if steps is None:
@@ -560,9 +575,10 @@ class MAML(nn.Module):
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
-        vmap = self._use_vmap(xs.device)
+        info = self._info()
+        vmap = self._use_vmap(xs.device, info)
         # Math attention kernel for any inner step: flash's backward has no batching rule.
-        with self._norm_mode(), self._engine(mode != "none" or vmap, vectorized=vmap):
+        with self._norm_mode(), self._engine(mode != "none" or vmap, vectorized=vmap, info=info):
             if vmap:
                 res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify)
                 if backward:  # all tasks share one vmapped graph: one backward for all
@@ -583,9 +599,12 @@ class MAML(nn.Module):
             inner_steps=n,
         )
 
-    def _use_vmap(self, device: torch.device) -> bool:
+    def _use_vmap(self, device: torch.device, info: ModelInfo | None = None) -> bool:
+        info = info or self._info()
         if self.vectorize == "auto":
-            return default_vectorize(self.model, device)
+            return _vectorize_rule(info, device)
+        if self.vectorize:
+            _refuse_wrong(info)  # e.g. spectral_norm added after construction
         return bool(self.vectorize)
 
     def _meta_loss_loop(

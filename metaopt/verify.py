@@ -236,7 +236,7 @@ def verify(
 
     # (b) vmap against the loop on the same copy, dropout off (masks differ by design).
     vmap_used = m64._use_vmap(device)
-    support, what = vmap_support(m64.model)
+    support, what = vmap_support(m64.model)  # the table's verdict, whatever the setting
     vmap_error, vmap_ok = None, True
     if support == "wrong":
         status = f"refused: {what} (wrong under vmap; the engine uses the loop)"
