@@ -44,9 +44,39 @@ Vectorised path:
     (``functional_call`` and ``torch.func.grad`` inside the map); the meta-parameters and
     learnable hyperparameters are shared (not mapped), inner-optimizer state is mapped.
     Results equal the per-task loop (within 1e-10 in float64). ``"auto"`` applies
-    :func:`default_vectorize`. Models containing ``torch.nn.BatchNorm*`` cannot be
-    vectorised (their second-order gradients are wrong under vmap in torch 2.13); use
-    :class:`metaopt.models.BatchNorm`.
+    :func:`default_vectorize`: vmap only for models whose every module is in the tested
+    table of layers exact under vmap, and then only where it is faster.
+
+Exactness (see ``docs/engine-support.md`` for the measured table):
+    Around its own forwards the engine replaces torch functions whose higher derivatives
+    are wrong by elementary compositions with the same values: ``F.layer_norm``,
+    ``F.instance_norm`` and ``F.batch_norm`` under vmap (so ``nn.LayerNorm``,
+    ``nn.InstanceNorm*``, ``nn.BatchNorm*`` vectorise exactly), and ``torch._weight_norm``
+    everywhere (torch's own double backward is wrong). When it builds a graph it runs
+    attention with the math kernel (the default CPU kernel has no double backward), so
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` meta-train at second order.
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and ``spectral_norm`` are wrong or fail under vmap:
+    ``"auto"`` uses the loop for them and ``vectorize=True`` raises ``ValueError`` naming
+    the module. :func:`metaopt.verify` checks any model against finite differences.
+
+Randomness:
+    Dropout draws fresh masks per task: the loop draws them task after task from the global
+    stream, vmap draws them batched (``randomness="different"``), so the two paths give
+    different (equally valid) masks under the same seed. Each engine call runs the model
+    exactly once per inner step and once for the query (no hidden probe forward), and the
+    ``before=True`` evaluation runs on a forked random stream: results under a fixed seed
+    are the same with and without ``before``, first call or later.
+
+Checked inputs:
+    The stock classification losses (``F.cross_entropy``, ``F.nll_loss`` and their modules)
+    refuse float targets unless they are class probabilities shaped like the output with
+    >= 2 classes (regression targets would give a loss of exactly 0); the stock regression
+    losses (``F.mse_loss``, ``F.l1_loss``, ``F.smooth_l1_loss``, ``F.huber_loss`` and their
+    modules) refuse outputs and targets of different shapes (torch would broadcast them); a
+    float input of shape ``(N, 1)`` is refused as a missing task dimension. A user's own
+    ``loss_fn`` is not inspected. An inner optimizer that changes the parameters in place
+    raises ``RuntimeError`` (version counters); a write through ``.data`` bypasses those
+    counters and is caught by :func:`metaopt.verify` (a value comparison, too costly here).
 """
 
 from __future__ import annotations
@@ -61,6 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaopt._checks import check_loss_inputs, check_task_dim, in_transform, unused
 from metaopt._exact_ops import ModelInfo, engine_context, inspect_model, needs_exact_ops
 from metaopt.models import BatchNorm
 from metaopt.tasks.base import TaskBatch, as_task_batch
@@ -161,74 +192,6 @@ def _check_versions(params: Params, versions: list[int]) -> None:
         )
 
 
-_CLASSIFICATION_LOSSES = (F.cross_entropy, F.nll_loss)
-_CLASSIFICATION_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
-_REGRESSION_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
-_REGRESSION_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
-
-
-def _check_loss_inputs(loss_fn: Any, out: Tensor, y: Tensor) -> None:
-    """Refuse the two silent traps of torch's stock losses (a user's own loss is theirs):
-
-    - cross-entropy / NLL on float targets. Torch reads float targets of the output's shape
-      as class probabilities, so a regression target ``(N, 1)`` against one output column
-      gives a loss of exactly 0 (softmax over one class). Float targets are accepted only as
-      class probabilities: same shape as the output, at least two classes (dim 1).
-    - MSE-like losses on outputs and targets of different shapes: torch broadcasts them
-      (``(10, 1)`` against ``(10,)`` is a ``(10, 10)`` loss) with only a warning.
-    """
-    if loss_fn in _CLASSIFICATION_LOSSES or isinstance(loss_fn, _CLASSIFICATION_MODULES):
-        if y.is_floating_point():
-            soft = loss_fn is not F.nll_loss and not isinstance(loss_fn, nn.NLLLoss)
-            soft = soft and out.shape == y.shape and out.dim() >= 2 and out.shape[1] > 1
-            if not soft:
-                raise ValueError(
-                    f"loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is a classification "
-                    f"loss but the targets are {y.dtype} {tuple(y.shape)} (output {tuple(out.shape)}): "
-                    "for regression pass loss_fn=torch.nn.functional.mse_loss; class targets must be "
-                    "integer indices (or class probabilities shaped like the output, >= 2 classes)"
-                )
-    elif loss_fn in _REGRESSION_LOSSES or isinstance(loss_fn, _REGRESSION_MODULES):
-        if out.shape != y.shape:
-            raise ValueError(
-                f"the model's output {tuple(out.shape)} and the targets {tuple(y.shape)} of "
-                f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} must have the same shape "
-                "(torch would broadcast them into a wrong loss); reshape the targets or the output"
-            )
-
-
-def _unused(loss: Tensor, params: Params) -> list[str]:
-    """Names of ``params`` that ``loss``'s autograd graph does not reach (a walk over the
-    graph of the first real support loss; ``torch.func.grad`` itself returns zeros)."""
-    seen, reached, stack = set(), set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf the graph reaches
-        if var is not None:
-            reached.add(id(var))
-        stack.extend(f for f, _ in node.next_functions)
-    return [k for k, p in params.items() if id(p) not in reached]
-
-
-def _in_transform(x: Tensor) -> bool:
-    """True inside a user's torch.func transform (e.g. vmap over :meth:`MAML.adapt`)."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
-def _check_task_dim(x: Tensor, where: str) -> None:
-    """A float input ``(N, 1)`` would be N tasks of one scalar example: almost surely one
-    task's ``(examples, features)`` without the task dimension."""
-    if x.is_floating_point() and x.dim() == 2 and x.shape[1] == 1 and x.shape[0] > 1:
-        raise ValueError(
-            f"{where} inputs {tuple(x.shape)} read as {x.shape[0]} tasks of one scalar example each; "
-            "inputs need a leading task dimension (tasks, examples, ...): for one task of "
-            f"{x.shape[0]} examples use x.unsqueeze(0), shape (1, {x.shape[0]}, 1)"
-        )
-
-
 def _walk_hparams(obj: Any, path: str, out: dict[str, nn.Parameter], seen: set[int], depth: int) -> None:
     """Collect the ``nn.Parameter``s reachable from an inner optimizer's attributes (tensors,
     dicts/lists/tuples of them, nested objects such as a wrapped optimizer, modules)."""
@@ -278,7 +241,8 @@ class MAML(nn.Module):
         allow_unused: treat the gradient of a parameter that the support loss does not use
             as zero; otherwise such a parameter raises ``ValueError``.
         vectorize: ``True`` (vmap over tasks), ``False`` (loop over tasks) or ``"auto"``
-            (:func:`default_vectorize` for the model and the batch's device).
+            (:func:`default_vectorize` for the model and the batch's device: vmap only where
+            exact, see the module docstring).
         batch_stats: normalisation layers use batch statistics in every call (default,
             MAML's transductive setting); ``False`` runs the model in its own mode.
         chunk_size: with vmap, map this many tasks at a time (bounds memory); ``None``: all.
@@ -286,7 +250,8 @@ class MAML(nn.Module):
     Raises:
         TypeError / ValueError: for a model that is not an ``nn.Module``, an inner optimizer
             without ``init``/``step``, a non-int or negative step count, an unknown
-            ``vectorize``, or ``vectorize=True`` on a model with ``torch.nn.BatchNorm*``.
+            ``vectorize``, or ``vectorize=True`` on a model with a module known wrong under
+            vmap (``nn.LSTM``/``nn.GRU``/``nn.RNN``, ``spectral_norm``), naming it.
 
     Reference:
         Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -396,7 +361,7 @@ class MAML(nn.Module):
 
     def _loss(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, fixed, buffers, x)
-        _check_loss_inputs(self.loss_fn, out, y)
+        check_loss_inputs(self.loss_fn, out, y)
         loss = self.loss_fn(out, y)
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor but returned {type(loss).__name__}")
@@ -417,7 +382,7 @@ class MAML(nn.Module):
         ``params`` must hold every parameter of the model (``strict=True``), as ``adapt``
         returns. Normalisation layers use batch statistics (see ``batch_stats``).
         """
-        with self._norm_mode(), self._engine(torch.is_grad_enabled(), vectorized=_in_transform(x)):
+        with self._norm_mode(), self._engine(torch.is_grad_enabled(), vectorized=in_transform(x)):
             return functional_call(
                 self.model, (params, {k: b.clone() for k, b in self.model.named_buffers()}), (x,), strict=True
             )
@@ -549,12 +514,14 @@ class MAML(nn.Module):
 
         Raises:
             TypeError / ValueError: for a malformed batch (shapes named in the message), a
-                non-scalar loss, a bad ``steps``, or an unused parameter.
+                missing task dimension, a stock loss given targets it would silently
+                mis-read (see "Checked inputs" in the module docstring), a non-scalar loss, a
+                bad ``steps``, or an unused parameter.
         """
         b = as_task_batch(batch)
         (xs, ys), (xq, yq) = b.support, b.query
-        _check_task_dim(xs, "support")
-        _check_task_dim(xq, "query")
+        check_task_dim(xs, "support")
+        check_task_dim(xq, "query")
         if xs.shape[2:] != xq.shape[2:]:
             raise ValueError(
                 f"support inputs {tuple(xs.shape)} and query inputs {tuple(xq.shape)} must have the "
@@ -671,7 +638,7 @@ class MAML(nn.Module):
             loss = self._loss(params, fixed, bufs, x, y)[0]
             if pending[0]:
                 pending[0] = False
-                self._fill_unused(params, [None if k in _unused(loss, params) else p for k, p in params.items()])
+                self._fill_unused(params, [None if k in unused(loss, params) else p for k, p in params.items()])
             return loss
 
         grad_fn = torch.func.grad(support_loss)

@@ -116,8 +116,8 @@ class _Seeded:
         self.fork.__enter__()
         torch.manual_seed(self.seed)
 
-    def __exit__(self, *exc: Any) -> None:
-        self.fork.__exit__(*exc)
+    def __exit__(self, *exc: object) -> None:
+        self.fork.__exit__(*exc)  # type: ignore[arg-type]
 
 
 def _to64(batch: TaskBatch) -> TaskBatch:

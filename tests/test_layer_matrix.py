@@ -9,7 +9,7 @@ module. Never silently wrong.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -151,7 +151,7 @@ def fd_error(maml: MAML, batch: TaskBatch, directions: int = 2, seed: int = 0) -
     worst = 0.0
     saved = [p.detach().clone() for p in params]
     for _ in range(directions):
-        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
         norm = torch.sqrt(sum(t.square().sum() for t in d))
         d = [t / norm for t in d]
         ad = sum((g * t).sum() for g, t in zip(grads, d))
@@ -245,10 +245,10 @@ def _table() -> None:  # pragma: no cover - a report, run by hand
         row = []
         for vec in (False, True):
             errs = []
-            for inner in INNER:
+            for make in INNER.values():
                 model, batch = model_and_batch(layer)
                 try:
-                    maml = MAML(model, INNER[inner](), inner_steps=2, loss_fn=F.mse_loss, vectorize=vec)
+                    maml = MAML(model, make(), inner_steps=2, loss_fn=F.mse_loss, vectorize=vec)
                 except ValueError:
                     errs = None
                     break
