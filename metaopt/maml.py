@@ -547,14 +547,12 @@ class MAML(nn.Module):
         # Math attention kernel for any inner step: flash's backward has no batching rule.
         with self._norm_mode(), self._engine(mode != "none" or vmap, vectorized=vmap, info=info):
             if vmap:
-                res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify)
+                res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
                 if backward:  # all tasks share one vmapped graph: one backward for all
                     res["loss"].mean().backward()
                     res["loss"] = res["loss"].detach()
             else:
-                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, backward)
-            if before:
-                res.update(self._before(params0, fixed, buffers, xq, yq, classify, vmap))
+                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before, backward)
         _check_versions(params0, versions)
         loss_t = res["loss"]
         return MetaLossOutput(
@@ -576,10 +574,10 @@ class MAML(nn.Module):
 
     def _meta_loss_loop(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
-        classify: bool, backward: bool = False,
+        classify: bool, before: bool, backward: bool = False,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
-        losses, accs = [], []
+        losses, accs, befores = [], [], []
         scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
@@ -593,37 +591,33 @@ class MAML(nn.Module):
             if classify:
                 with torch.no_grad():
                     accs.append(self._accuracy(out, yq[i]))
+            if before:
+                befores.append(self._before_one(params0, fixed, buffers, xq[i], yq[i], classify))
         res = {"loss": torch.stack(losses)}
         if classify:
             res["acc"] = torch.stack(accs)
+        for k in befores[0] if befores else ():
+            res[k] = torch.stack([r[k] for r in befores])
         return res
 
-    def _before(
-        self, params0: Params, fixed: Params, buffers: Buffers, xq: Tensor, yq: Tensor, classify: bool,
-        vmap: bool,
+    @staticmethod
+    def _fork(device: torch.device) -> contextlib.AbstractContextManager:
+        cuda = device.type != "cpu"
+        return torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type if cuda else "cuda")
+
+    def _before_one(
+        self, params0: Params, fixed: Params, bufs: Buffers, xq_i: Tensor, yq_i: Tensor, classify: bool
     ) -> dict[str, Tensor]:
-        """Query loss/accuracy at the meta-parameters, without grad, on a forked random
-        stream: dropout here draws its own masks and leaves the training stream (and so the
-        adapted results under a fixed seed) exactly as without ``before``."""
-        params0 = {k: p.detach() for k, p in params0.items()}
-
-        def task(xq_i: Tensor, yq_i: Tensor, bufs: Buffers) -> dict[str, Tensor]:
-            loss0, out0 = self._loss(params0, fixed, bufs, xq_i, yq_i)
+        """Query loss/accuracy of one task at the meta-parameters, without grad, on a forked
+        random stream: dropout here draws its own masks and leaves the training stream (and
+        so the adapted results under a fixed seed) exactly as without ``before``."""
+        with torch.no_grad(), self._fork(xq_i.device):
+            loss0, out0 = self._loss({k: p.detach() for k, p in params0.items()}, fixed, bufs, xq_i, yq_i)
             return {"loss0": loss0, "acc0": self._accuracy(out0, yq_i)} if classify else {"loss0": loss0}
-
-        dev = xq.device
-        with torch.no_grad(), torch.random.fork_rng(
-            devices=[dev] if dev.type != "cpu" else [], device_type=dev.type if dev.type != "cpu" else "cuda"
-        ):
-            if vmap:
-                bufs = {k: v.expand(xq.shape[0], *v.shape) for k, v in buffers.items()}
-                return torch.func.vmap(task, randomness="different", chunk_size=self.chunk_size)(xq, yq, bufs)
-            per = [task(xq[i], yq[i], buffers) for i in range(xq.shape[0])]
-            return {k: torch.stack([r[k] for r in per]) for k in per[0]}
 
     def _meta_loss_vmap(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
-        classify: bool,
+        classify: bool, before: bool,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
         T = b.num_tasks
@@ -657,6 +651,8 @@ class MAML(nn.Module):
             if classify:
                 with torch.no_grad():
                     res["acc"] = self._accuracy(out, yq_i)
+            if before:
+                res.update(self._before_one(params0, fixed, bufs, xq_i, yq_i, classify))
             return res
 
         # Buffers mapped as expanded views (no copy); each forward clones its own per task.
