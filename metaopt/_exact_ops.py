@@ -12,7 +12,8 @@ central finite differences):
 - The default CPU attention kernel has no double backward (``nn.MultiheadAttention`` raises
   "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
   implemented"); the math kernel is exact.
-- ``nn.LSTM``/``nn.GRU``/``nn.RNN`` fail under ``vmap`` (broadcast RuntimeError) and
+- ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and their cells fail under ``vmap`` (broadcast
+  RuntimeError) and
   ``spectral_norm`` has no batching rule; per task they are exact.
 
 :class:`ExactOps` is a ``TorchFunctionMode`` the engine enters only around its own forwards:
@@ -222,7 +223,7 @@ def inspect_model(model: nn.Module) -> ModelInfo:
             wn = True
         conv = conv or isinstance(m, nn.modules.conv._ConvNd)
         plain = plain and isinstance(m, _PLAIN)
-        if isinstance(m, nn.RNNBase):
+        if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):  # broadcast RuntimeError under vmap
             wrong = wrong or label
         elif isinstance(m, _pz._SpectralNorm) or any(isinstance(h, _OldSpectralNorm) for h in hooks):
             wrong = wrong or f"spectral_norm on {label}"

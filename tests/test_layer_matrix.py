@@ -83,6 +83,25 @@ def _attention() -> nn.Module:
     return Head(Attn(), 12)
 
 
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dec = nn.TransformerDecoderLayer(3, 1, dim_feedforward=4, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(x, x)  # the sequence attends to itself as memory
+
+
+class _Cell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, 3): two steps of the cell
+        h, c = self.cell(x[:, 0])
+        return self.cell(x[:, 1], (h, c))[0]
+
+
 # name -> (model factory, per-example input shape or "tokens")
 LAYERS: dict[str, tuple[Callable[[], nn.Module], object]] = {
     "LayerNorm": (lambda: Head(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), 4), (3,)),
@@ -114,13 +133,16 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], object]] = {
             enable_nested_tensor=False), 9),
         (3, 3),
     ),
+    # No parameters of its own: judged by its submodules (attention, linear, LayerNorm).
+    "TransformerDecoderLayer": (lambda: Head(_Decoder(), 9), (3, 3)),
+    "LSTMCell": (lambda: Head(_Cell(), 3), (3, 3)),
     "LSTM": (lambda: Head(nn.LSTM(3, 4, batch_first=True), 4, pick=lambda o: o[0][:, -1]), (3, 3)),
     "GRU": (lambda: Head(nn.GRU(3, 4, batch_first=True), 4, pick=lambda o: o[0][:, -1]), (3, 3)),
     "spectral_norm": (lambda: Head(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), 4), (3,)),
     "weight_norm": (lambda: Head(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), 4), (3,)),
 }
 # vectorize=True must refuse these, naming the module.
-REFUSED = {"LSTM": "LSTM", "GRU": "GRU", "spectral_norm": "spectral_norm"}
+REFUSED = {"LSTM": "LSTM", "GRU": "GRU", "LSTMCell": "LSTMCell", "spectral_norm": "spectral_norm"}
 INNER = {"sgd": lambda: SGD(lr=0.1), "adafactor": lambda: Adafactor(lr=0.05)}
 
 
