@@ -251,7 +251,8 @@ class MAML(nn.Module):
         TypeError / ValueError: for a model that is not an ``nn.Module``, an inner optimizer
             without ``init``/``step``, a non-int or negative step count, an unknown
             ``vectorize``, or ``vectorize=True`` on a model with a module known wrong under
-            vmap (``nn.LSTM``/``nn.GRU``/``nn.RNN``, ``spectral_norm``), naming it.
+            vmap (``nn.LSTM``/``nn.GRU``/``nn.RNN`` and their cells, ``spectral_norm``),
+            naming it.
 
     Reference:
         Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -318,6 +319,8 @@ class MAML(nn.Module):
                 if key in self.inner_hparams:
                     raise ValueError(f"two inner-optimizer hyperparameters map to the name {key!r}")
                 self.inner_hparams[key] = p
+        self._info_key: tuple | None = None  # cache of the model's inspection (see _info)
+        self._info_cache: ModelInfo | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -400,7 +403,7 @@ class MAML(nn.Module):
         """:func:`metaopt._exact_ops.inspect_model`, recomputed only when the model's
         modules or hooks change (a parametrization added after construction, ...)."""
         key = tuple((id(m), len(m._forward_pre_hooks)) for m in self.model.modules())
-        if getattr(self, "_info_key", None) != key:
+        if self._info_key != key or self._info_cache is None:
             self._info_key, self._info_cache = key, inspect_model(self.model)
         return self._info_cache
 
@@ -632,7 +635,8 @@ class MAML(nn.Module):
             loss = self._loss(params, fixed, bufs, x, y)[0]
             if pending[0]:
                 pending[0] = False
-                self._fill_unused(params, [None if k in unused(loss, params) else p for k, p in params.items()])
+                missing = set(unused(loss, params))
+                self._fill_unused(params, [None if k in missing else p for k, p in params.items()])
             return loss
 
         grad_fn = torch.func.grad(support_loss)
