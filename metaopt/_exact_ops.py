@@ -13,8 +13,7 @@ central finite differences):
   "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
   implemented"); the math kernel is exact.
 - ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and their cells fail under ``vmap`` (broadcast
-  RuntimeError) and
-  ``spectral_norm`` has no batching rule; per task they are exact.
+  RuntimeError) and ``spectral_norm`` has no batching rule; per task they are exact.
 
 :class:`ExactOps` is a ``TorchFunctionMode`` the engine enters only around its own forwards:
 it replaces those functions by compositions of elementary ops with the same values (equal to
@@ -172,9 +171,11 @@ class ExactOps(TorchFunctionMode):
 # ---------------------------------------------------------------- what vmap can be trusted with
 
 # Exact to second order under vmap once ExactOps is active (tests/test_layer_matrix.py).
+# Not listed though exact: nn.Bilinear (torch has no batching rule for it; vmap falls back
+# to a per-task loop, so "auto" might as well use the engine's loop).
 _EXACT = (
     nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict,
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn.Bilinear, nn.Embedding,
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn.Embedding,
     nn.modules.conv._ConvNd,  # Conv1d/2d/3d, ConvTranspose1d/2d/3d
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
