@@ -172,3 +172,14 @@ def test_bad_arguments(kw: dict, message: str) -> None:
         verify(maml, _batch(), **kw)
     with pytest.raises(TypeError, match="metaopt.MAML"):
         verify(_net(), _batch())  # type: ignore[arg-type]
+
+
+def test_learned_inner_learning_rates_are_checked_too() -> None:
+    """Directions span maml.parameters(): the model and the learned per-parameter rates."""
+    from metaopt.optim.learned import per_parameter_lr
+
+    model = _net()
+    maml = MAML(model, SGD(lr=per_parameter_lr(model, 0.1)), inner_steps=2, loss_fn=F.mse_loss)
+    assert any(n.startswith("inner_hparams") for n, _ in maml.named_parameters())
+    report = verify(maml, _batch())
+    assert report.ok and report.fd_error < 1e-6
