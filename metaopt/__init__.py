@@ -25,6 +25,7 @@ from metaopt.optim import SGD, Adafactor, InnerOptimizer
 from metaopt.optim.learned import MetaSGD, per_parameter_lr
 from metaopt.tasks import Omniglot, Sinusoid, TaskBatch
 from metaopt.types import Buffers, Grads, Params, State
+from metaopt.verify import VerifyReport, verify  # the function shadows its module's name
 
 if TYPE_CHECKING:  # the trainer pulls in tqdm/tensorboard/matplotlib: imported on first use
     from metaopt.train import Trainer, load_checkpoint
@@ -46,6 +47,8 @@ __all__ = [
     "MAML",
     "MetaLossOutput",
     "default_vectorize",
+    "verify",
+    "VerifyReport",
     "SGD",
     "Adafactor",
     "MetaSGD",

@@ -44,9 +44,39 @@ Vectorised path:
     (``functional_call`` and ``torch.func.grad`` inside the map); the meta-parameters and
     learnable hyperparameters are shared (not mapped), inner-optimizer state is mapped.
     Results equal the per-task loop (within 1e-10 in float64). ``"auto"`` applies
-    :func:`default_vectorize`. Models containing ``torch.nn.BatchNorm*`` cannot be
-    vectorised (their second-order gradients are wrong under vmap in torch 2.13); use
-    :class:`metaopt.models.BatchNorm`.
+    :func:`default_vectorize`: vmap only for models whose every module is in the tested
+    table of layers exact under vmap, and then only where it is faster.
+
+Exactness (see ``docs/engine-support.md`` for the measured table):
+    Around its own forwards the engine replaces torch functions whose higher derivatives
+    are wrong by elementary compositions with the same values: ``F.layer_norm``,
+    ``F.instance_norm`` and ``F.batch_norm`` under vmap (so ``nn.LayerNorm``,
+    ``nn.InstanceNorm*``, ``nn.BatchNorm*`` vectorise exactly), and ``torch._weight_norm``
+    everywhere (torch's own double backward is wrong). When it builds a graph it runs
+    attention with the math kernel (the default CPU kernel has no double backward), so
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` meta-train at second order.
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and ``spectral_norm`` are wrong or fail under vmap:
+    ``"auto"`` uses the loop for them and ``vectorize=True`` raises ``ValueError`` naming
+    the module. :func:`metaopt.verify` checks any model against finite differences.
+
+Randomness:
+    Dropout draws fresh masks per task: the loop draws them task after task from the global
+    stream, vmap draws them batched (``randomness="different"``), so the two paths give
+    different (equally valid) masks under the same seed. Each engine call runs the model
+    exactly once per inner step and once for the query (no hidden probe forward), and the
+    ``before=True`` evaluation runs on a forked random stream: results under a fixed seed
+    are the same with and without ``before``, first call or later.
+
+Checked inputs:
+    The stock classification losses (``F.cross_entropy``, ``F.nll_loss`` and their modules)
+    refuse float targets unless they are class probabilities shaped like the output with
+    >= 2 classes (regression targets would give a loss of exactly 0); the stock regression
+    losses (``F.mse_loss``, ``F.l1_loss``, ``F.smooth_l1_loss``, ``F.huber_loss`` and their
+    modules) refuse outputs and targets of different shapes (torch would broadcast them); a
+    float input of shape ``(N, 1)`` is refused as a missing task dimension. A user's own
+    ``loss_fn`` is not inspected. An inner optimizer that changes the parameters in place
+    raises ``RuntimeError`` (version counters); a write through ``.data`` bypasses those
+    counters and is caught by :func:`metaopt.verify` (a value comparison, too costly here).
 """
 
 from __future__ import annotations
@@ -61,6 +91,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metaopt._checks import check_loss_inputs, check_task_dim, in_transform, unused
+from metaopt._exact_ops import ModelInfo, engine_context, inspect_model, needs_exact_ops
 from metaopt.models import BatchNorm
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.types import Buffers, Params
@@ -105,24 +137,42 @@ def has_torch_batchnorm(model: nn.Module) -> bool:
 
 
 def default_vectorize(model: nn.Module, device: torch.device | str) -> bool:
-    """The rule ``vectorize="auto"`` applies: is ``vmap`` over tasks expected to be faster?
+    """The rule ``vectorize="auto"`` applies: is ``vmap`` over tasks exact and faster?
 
-    - never when the model contains ``torch.nn.BatchNorm*`` (wrong second-order gradients
-      under vmap in torch 2.13; the loop is exact);
+    Exactness first: only when every module of the model is in the engine's tested table of
+    layers exact to second order under ``vmap`` (a module without parameters or buffers of
+    its own, such as a user's container, is judged by its submodules); any other module
+    (``nn.LSTM``, ``spectral_norm``, a layer of unknown provenance holding parameters) means
+    the per-task loop, which is exact for them. Then speed:
+
     - always on CUDA (one batched kernel per layer instead of one per task);
     - on CPU only for models without convolutions (MLP-sized models gain from batching the
       small matmuls; batched convolutions under vmap are slower than the loop on CPU).
 
     Example:
+        >>> from torch import nn
         >>> from metaopt.models import MLP, Conv4
         >>> default_vectorize(MLP(), "cpu"), default_vectorize(Conv4(5), "cpu")
         (True, False)
+        >>> default_vectorize(nn.LSTM(2, 3), "cuda")
+        False
     """
-    if has_torch_batchnorm(model):
+    return _vectorize_rule(inspect_model(model), device)
+
+
+def _refuse_wrong(info: ModelInfo) -> None:
+    if info.support == "wrong":
+        raise ValueError(
+            f"vectorize=True cannot be used with a model containing {info.what}: under "
+            "torch.func.vmap its meta-gradient is wrong or fails in torch. Use "
+            "vectorize=False (the per-task loop is exact) or vectorize='auto'"
+        )
+
+
+def _vectorize_rule(info: ModelInfo, device: torch.device | str) -> bool:
+    if info.support != "exact":
         return False
-    if torch.device(device).type == "cuda":
-        return True
-    return not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return torch.device(device).type == "cuda" or not info.conv
 
 
 def _check_int(value: Any, name: str, *, allow_none: bool = False) -> None:
@@ -191,7 +241,8 @@ class MAML(nn.Module):
         allow_unused: treat the gradient of a parameter that the support loss does not use
             as zero; otherwise such a parameter raises ``ValueError``.
         vectorize: ``True`` (vmap over tasks), ``False`` (loop over tasks) or ``"auto"``
-            (:func:`default_vectorize` for the model and the batch's device).
+            (:func:`default_vectorize` for the model and the batch's device: vmap only where
+            exact, see the module docstring).
         batch_stats: normalisation layers use batch statistics in every call (default,
             MAML's transductive setting); ``False`` runs the model in its own mode.
         chunk_size: with vmap, map this many tasks at a time (bounds memory); ``None``: all.
@@ -199,7 +250,9 @@ class MAML(nn.Module):
     Raises:
         TypeError / ValueError: for a model that is not an ``nn.Module``, an inner optimizer
             without ``init``/``step``, a non-int or negative step count, an unknown
-            ``vectorize``, or ``vectorize=True`` on a model with ``torch.nn.BatchNorm*``.
+            ``vectorize``, or ``vectorize=True`` on a model with a module known wrong under
+            vmap (``nn.LSTM``/``nn.GRU``/``nn.RNN`` and their cells, ``spectral_norm``),
+            naming it.
 
     Reference:
         Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -238,12 +291,8 @@ class MAML(nn.Module):
             raise TypeError(f"loss_fn must be callable (output, target) -> scalar but is {loss_fn!r}")
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto' but is: {vectorize!r}")
-        if vectorize is True and has_torch_batchnorm(model):
-            raise ValueError(
-                "vectorize=True cannot be used with a model containing torch.nn.BatchNorm*: under "
-                "torch.func.vmap its second-order gradients are wrong. Use "
-                "metaopt.models.BatchNorm (same function, exact under vmap) or vectorize=False"
-            )
+        if vectorize is True:
+            _refuse_wrong(inspect_model(model))
         if chunk_size is not None:
             _check_int(chunk_size, "chunk_size")
             if chunk_size == 0:
@@ -270,7 +319,8 @@ class MAML(nn.Module):
                 if key in self.inner_hparams:
                     raise ValueError(f"two inner-optimizer hyperparameters map to the name {key!r}")
                 self.inner_hparams[key] = p
-        self._unused_checked = False
+        self._info_key: tuple | None = None  # cache of the model's inspection (see _info)
+        self._info_cache: ModelInfo | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -314,6 +364,7 @@ class MAML(nn.Module):
 
     def _loss(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, fixed, buffers, x)
+        check_loss_inputs(self.loss_fn, out, y)
         loss = self.loss_fn(out, y)
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor but returned {type(loss).__name__}")
@@ -334,12 +385,27 @@ class MAML(nn.Module):
         ``params`` must hold every parameter of the model (``strict=True``), as ``adapt``
         returns. Normalisation layers use batch statistics (see ``batch_stats``).
         """
-        with self._norm_mode():
+        with self._norm_mode(), self._engine(torch.is_grad_enabled(), vectorized=in_transform(x)):
             return functional_call(
                 self.model, (params, {k: b.clone() for k, b in self.model.named_buffers()}), (x,), strict=True
             )
 
     # ------------------------------------------------------------------ inner loop
+
+    def _engine(self, graph: bool, vectorized: bool, info: ModelInfo | None = None) -> contextlib.AbstractContextManager:
+        """Exact replacements for ops with wrong higher derivatives, and the math attention
+        kernel when a graph is built (see :mod:`metaopt._exact_ops`)."""
+        info = info or self._info()
+        # A plain model (linear/conv/pointwise layers only) cannot reach attention.
+        return engine_context(needs_exact_ops(info, vectorized), graph and not info.plain)
+
+    def _info(self) -> ModelInfo:
+        """:func:`metaopt._exact_ops.inspect_model`, recomputed only when the model's
+        modules or hooks change (a parametrization added after construction, ...)."""
+        key = tuple((id(m), len(m._forward_pre_hooks)) for m in self.model.modules())
+        if self._info_key != key or self._info_cache is None:
+            self._info_key, self._info_cache = key, inspect_model(self.model)
+        return self._info_cache
 
     def _steps(self, train: bool, steps: int | None) -> int:
         if steps is None:
@@ -412,8 +478,9 @@ class MAML(nn.Module):
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
-        with self._norm_mode():
-            params = self._adapt_one(params0, fixed, buffers, x, y, n, self._mode(train))
+        mode = self._mode(train)
+        with self._norm_mode(), self._engine(mode != "none", vectorized=False):
+            params = self._adapt_one(params0, fixed, buffers, x, y, n, mode)
         _check_versions(params0, versions)
         return {**fixed, **params}
 
@@ -450,10 +517,14 @@ class MAML(nn.Module):
 
         Raises:
             TypeError / ValueError: for a malformed batch (shapes named in the message), a
-                non-scalar loss, a bad ``steps``, or an unused parameter.
+                missing task dimension, a stock loss given targets it would silently
+                mis-read (see "Checked inputs" in the module docstring), a non-scalar loss, a
+                bad ``steps``, or an unused parameter.
         """
         b = as_task_batch(batch)
         (xs, ys), (xq, yq) = b.support, b.query
+        check_task_dim(xs, "support")
+        check_task_dim(xq, "query")
         if xs.shape[2:] != xq.shape[2:]:
             raise ValueError(
                 f"support inputs {tuple(xs.shape)} and query inputs {tuple(xq.shape)} must have the "
@@ -474,16 +545,17 @@ class MAML(nn.Module):
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
-        with self._norm_mode():
-            if self._use_vmap(xs.device):
+        info = self._info()
+        vmap = self._use_vmap(xs.device, info)
+        # Math attention kernel for any inner step: flash's backward has no batching rule.
+        with self._norm_mode(), self._engine(mode != "none" or vmap, vectorized=vmap, info=info):
+            if vmap:
                 res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
                 if backward:  # all tasks share one vmapped graph: one backward for all
                     res["loss"].mean().backward()
                     res["loss"] = res["loss"].detach()
             else:
-                res = self._meta_loss_loop(
-                    params0, fixed, buffers, b, n, mode, classify, before, backward
-                )
+                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before, backward)
         _check_versions(params0, versions)
         loss_t = res["loss"]
         return MetaLossOutput(
@@ -495,9 +567,12 @@ class MAML(nn.Module):
             inner_steps=n,
         )
 
-    def _use_vmap(self, device: torch.device) -> bool:
+    def _use_vmap(self, device: torch.device, info: ModelInfo | None = None) -> bool:
+        info = info or self._info()
         if self.vectorize == "auto":
-            return default_vectorize(self.model, device)
+            return _vectorize_rule(info, device)
+        if self.vectorize:
+            _refuse_wrong(info)  # e.g. spectral_norm added after construction
         return bool(self.vectorize)
 
     def _meta_loss_loop(
@@ -505,7 +580,7 @@ class MAML(nn.Module):
         classify: bool, before: bool, backward: bool = False,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
-        losses, accs, losses0, accs0 = [], [], [], []
+        losses, accs, befores = [], [], []
         scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
@@ -520,19 +595,28 @@ class MAML(nn.Module):
                 with torch.no_grad():
                     accs.append(self._accuracy(out, yq[i]))
             if before:
-                with torch.no_grad():
-                    loss0, out0 = self._loss(params0, fixed, buffers, xq[i], yq[i])
-                    losses0.append(loss0)
-                    if classify:
-                        accs0.append(self._accuracy(out0, yq[i]))
+                befores.append(self._before_one(params0, fixed, buffers, xq[i], yq[i], classify))
         res = {"loss": torch.stack(losses)}
         if classify:
             res["acc"] = torch.stack(accs)
-        if before:
-            res["loss0"] = torch.stack(losses0)
-            if classify:
-                res["acc0"] = torch.stack(accs0)
+        for k in befores[0] if befores else ():
+            res[k] = torch.stack([r[k] for r in befores])
         return res
+
+    @staticmethod
+    def _fork(device: torch.device) -> contextlib.AbstractContextManager:
+        cuda = device.type != "cpu"
+        return torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type if cuda else "cuda")
+
+    def _before_one(
+        self, params0: Params, fixed: Params, bufs: Buffers, xq_i: Tensor, yq_i: Tensor, classify: bool
+    ) -> dict[str, Tensor]:
+        """Query loss/accuracy of one task at the meta-parameters, without grad, on a forked
+        random stream: dropout here draws its own masks and leaves the training stream (and
+        so the adapted results under a fixed seed) exactly as without ``before``."""
+        with torch.no_grad(), self._fork(xq_i.device):
+            loss0, out0 = self._loss({k: p.detach() for k, p in params0.items()}, fixed, bufs, xq_i, yq_i)
+            return {"loss0": loss0, "acc0": self._accuracy(out0, yq_i)} if classify else {"loss0": loss0}
 
     def _meta_loss_vmap(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
@@ -540,16 +624,20 @@ class MAML(nn.Module):
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
         T = b.num_tasks
-        if n > 0 and not self.allow_unused and not self._unused_checked:
-            # torch.func.grad silently returns zeros for unused inputs: check once on task 0.
-            self._adapt_one(params0, fixed, buffers, xs[0], ys[0], 1, "none")
-            self._unused_checked = True
         if mode == "none":
             params0 = {k: p.detach() for k, p in params0.items()}
         opt = self.inner_optimizer
+        # torch.func.grad silently returns zeros for unused inputs: the first support loss's
+        # graph is walked instead (no extra forward, no random numbers drawn).
+        pending = [n > 0 and not self.allow_unused]
 
         def support_loss(params: Params, bufs: Buffers, x: Tensor, y: Tensor) -> Tensor:
-            return self._loss(params, fixed, bufs, x, y)[0]
+            loss = self._loss(params, fixed, bufs, x, y)[0]
+            if pending[0]:
+                pending[0] = False
+                missing = set(unused(loss, params))
+                self._fill_unused(params, [None if k in missing else p for k, p in params.items()])
+            return loss
 
         grad_fn = torch.func.grad(support_loss)
 
@@ -564,14 +652,11 @@ class MAML(nn.Module):
                 params, state = opt.step(params, grads, state)
             loss, out = self._loss(params, fixed, bufs, xq_i, yq_i)
             res = {"loss": loss}
-            with torch.no_grad():
-                if classify:
+            if classify:
+                with torch.no_grad():
                     res["acc"] = self._accuracy(out, yq_i)
-                if before:
-                    loss0, out0 = self._loss(params0, fixed, bufs, xq_i, yq_i)
-                    res["loss0"] = loss0
-                    if classify:
-                        res["acc0"] = self._accuracy(out0, yq_i)
+            if before:
+                res.update(self._before_one(params0, fixed, bufs, xq_i, yq_i, classify))
             return res
 
         # Buffers mapped as expanded views (no copy); each forward clones its own per task.

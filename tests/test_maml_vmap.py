@@ -78,4 +78,24 @@ def test_auto_picks_vmap_for_mlp_on_cpu_and_loop_for_conv() -> None:
     conv, _, _ = model_and_batch("conv")
     assert not MAML(conv)._use_vmap(torch.device("cpu"))
     torchbn, _, _ = model_and_batch("torchbn")
-    assert not MAML(torchbn)._use_vmap(torch.device("cuda"))
+    assert MAML(torchbn)._use_vmap(torch.device("cuda"))  # exact: elementary batch norm
+
+
+def test_torch_batchnorm_with_running_stats_vmap_equals_loop() -> None:
+    model, batch, loss_fn = model_and_batch("torchbn")
+    loop, vec = _pair(model, lambda: SGD(lr=0.1, momentum=0.5), inner_steps=2, loss_fn=loss_fn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b = loop.meta_loss(batch), vec.meta_loss(batch)
+    _assert_same_outputs(a, b)
+    assert max_abs_diff(meta_grads(loop, batch), meta_grads(vec, batch)) <= TOL
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_vectorize_true_rechecks_a_model_changed_after_construction() -> None:
+    model, batch, loss_fn = model_and_batch("mlp")
+    maml = MAML(model, SGD(lr=0.1), loss_fn=loss_fn, vectorize=True)
+    maml.meta_loss(batch)
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    nn.utils.parametrizations.spectral_norm(first)
+    with pytest.raises(ValueError, match=r"spectral_norm on .*vectorize=False"):
+        maml.meta_loss(batch)
