@@ -4,8 +4,7 @@ zoo model with SGD and Adafactor inner optimizers."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -209,30 +208,6 @@ def test_resnet12_regularisation_is_off_by_default_and_only_in_training() -> Non
 # ----------------------------------------------------------------------------- MAML: exact meta-gradients
 
 
-# Workarounds, in one place so they can be dropped. As of this branch the engine's vmap
-# path is wrong for LayerNorm (transformer meta-gradient off by ~1e-2) and raises for
-# nn.LSTM, so the sequence models run on the per-task loop; and on CPU torch's default
-# attention kernel (flash) has no double backward at all (loop included), so second-order
-# MAML through attention needs the math kernel. When the engine handles these, empty
-# _LOOP_ONLY (tests then use vectorize="auto") and drop the sdpa_kernel context below.
-_LOOP_ONLY = {"transformer", "lstm"}
-
-
-@contextlib.contextmanager
-def _engine_workarounds(name: str) -> Iterator[None]:
-    if name == "transformer":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    else:
-        yield
-
-
-def _vectorize(name: str) -> bool | str:
-    return False if name in _LOOP_ONLY else "auto"
-
-
 def _tiny(name: str) -> tuple[nn.Module, TaskBatch, Callable]:
     """A tiny float64 model of the zoo and a 2-task batch for it (loss_fn included)."""
     torch.manual_seed(0)
@@ -308,9 +283,10 @@ INNER = {
 @pytest.mark.parametrize("name", models.names())
 def test_second_order_meta_gradient_matches_finite_differences(name: str, inner: str) -> None:
     model, batch, loss_fn = _tiny(name)
-    maml = MAML(model, INNER[inner](), inner_steps=2, loss_fn=loss_fn, vectorize=_vectorize(name))
-    with _engine_workarounds(name):
-        errors = _fd_relative_errors(maml, batch)
+    # The default engine path: vmap where exact (LayerNorm and attention run through the
+    # engine's exact ops and math attention kernel), the loop for nn.LSTM.
+    maml = MAML(model, INNER[inner](), inner_steps=2, loss_fn=loss_fn)
+    errors = _fd_relative_errors(maml, batch)
     assert max(errors) <= FD_TOL, errors
 
 
