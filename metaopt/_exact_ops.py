@@ -94,6 +94,8 @@ def instance_norm(
                 unbiased = var.mean(0).reshape(-1) * (n / max(n - 1, 1))
                 running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
     else:
+        if running_var is None:  # torch's F.instance_norm raises for this too
+            raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
         xc = input - running_mean.reshape(shape)
         var = running_var.reshape(shape)
     y = xc * torch.rsqrt(var + eps)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -127,7 +128,7 @@ def _to64(batch: TaskBatch) -> TaskBatch:
     return TaskBatch(support=tuple(map(f, batch.support)), query=tuple(map(f, batch.query)))  # type: ignore[arg-type]
 
 
-def _loss_and_grads(maml: MAML, batch: TaskBatch, params: list[Tensor], seed: int) -> tuple[Tensor, list[Tensor]]:
+def _loss_and_grads(maml: MAML, batch: TaskBatch, params: Sequence[Tensor], seed: int) -> tuple[Tensor, list[Tensor]]:
     with _Seeded(seed, batch.support[0].device):
         out = maml.meta_loss(batch, train=True, before=False)
     grads = torch.autograd.grad(out.loss, params, allow_unused=True)
@@ -230,9 +231,9 @@ def verify(
             with torch.no_grad():
                 for p, s in zip(p64, saved):
                     p.copy_(s)
-        err = abs(ad - (values[0] - values[1]) / (2 * eps))
-        fd_ok = fd_ok and err <= atol + rtol * gnorm
-        fd_error = max(fd_error, err / gnorm if gnorm > 0 else err)
+        fd_err = abs(ad - (values[0] - values[1]) / (2 * eps))
+        fd_ok = fd_ok and fd_err <= atol + rtol * gnorm
+        fd_error = max(fd_error, fd_err / gnorm if gnorm > 0 else fd_err)
 
     # (b) vmap against the loop on the same copy, dropout off (masks differ by design).
     vmap_used = m64._use_vmap(device)
