@@ -265,7 +265,7 @@ class Trainer:
         if data is None and self._splits_differ():
             # Build the held-out splits now: a config that cannot serve them (task.ways
             # larger than the val split's classes) fails before the run directory exists.
-            for split in ("val", "test"):
+            for split in ("val", "test") if t["eval_every"] else ("test",):
                 self._eval_tasks[split] = build_tasks(self.cfg, split, self.device)
         self.generator = torch.Generator(device=generator_device(self.train_tasks)).manual_seed(t["seed"])
         self.batches: SampledBatches | CycledBatches = (
@@ -422,7 +422,7 @@ class Trainer:
         lr = self.cfg["inner"]["lr"]
         learned = getattr(self.maml, "inner_hparams", {}).get("lr")
         if learned is not None and learned.numel() == 1:
-            return round(float(learned), 6)
+            return round(float(learned.detach()), 6)
         return lr
 
     # ------------------------------------------------------------------ fit
