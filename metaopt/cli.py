@@ -242,7 +242,7 @@ def _print_results(results: dict, path: Path | str | None, plots: Path | None = 
 def _cmd_eval(args: argparse.Namespace) -> int:
     check_int("--tasks", args.tasks, least=1, error=ConfigError)
     results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, steps=args.steps, device=args.device,
-                           progress=False if args.quiet else None)
+                           progress=not args.quiet)
     if is_main_process():  # under torchrun the evaluation is sharded; rank 0 reports
         return _print_results(results, results.get("path"))
     return 0
