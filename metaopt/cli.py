@@ -18,6 +18,7 @@ import errno
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -189,8 +190,11 @@ def _check_out(out: Path) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable; choose another --out")
+    try:  # really create something there: permission bits do not bind root, /proc or a read-only mount do
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".metaopt-probe-"))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create folders in {probe} ({e.strerror or e}); "
+                          "choose a writable --out") from None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
