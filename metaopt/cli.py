@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -223,9 +222,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"using {trainer.threads} CPU threads (train.threads); on a shared machine set train.threads=1 "
               "if training is slow", file=sys.stderr)
     results = trainer.fit()
-    if not trainer.is_main:
+    run_dir = trainer.run_dir
+    if not trainer.is_main or run_dir is None:
         return 0
-    return _print_results(results, trainer.run_dir / "results.json", trainer.run_dir / "plots")
+    return _print_results(results, run_dir / "results.json", run_dir / "plots")
 
 
 def _print_results(results: dict, path: Path | str | None, plots: Path | None = None) -> int:

@@ -248,7 +248,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means an unusable file
+    except Exception as e:
         # Only torch's first line, cut before its advice to retry with weights_only=False:
         # that would run arbitrary code from a file we could not read as data.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -55,8 +55,8 @@ from metaopt.loop import (
     meta_step,
 )
 from metaopt.rundir import (
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunDirLocked, RunLogger, load_checkpoint, lock_run_dir,
-    atomic_write, remove_stale_temporaries, save_checkpoint, write_json,
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunDirLocked, RunLogger, atomic_write, load_checkpoint,
+    lock_run_dir, remove_stale_temporaries, save_checkpoint, write_json,
 )
 from metaopt.tasks import factory as task_factory
 from metaopt.tasks.base import eval_batches, generator_device, task_loss
@@ -131,7 +131,7 @@ class _StopGuard:
     def hit(self) -> bool:
         return self.signum is not None
 
-    def __enter__(self) -> "_StopGuard":
+    def __enter__(self) -> _StopGuard:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)

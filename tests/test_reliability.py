@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from metaopt import cli, rundir
-from metaopt.rundir import lock_run_dir, load_checkpoint, save_checkpoint
+from metaopt.rundir import load_checkpoint, lock_run_dir, save_checkpoint
 from metaopt.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_diverged_evaluation_is_named_and_results_stay_strict_json(tmp_path: Pat
     rows = (tmp_path / "r/metrics.csv").read_text().splitlines()
     assert all(r.split(",")[5] == "nan" for r in rows[1:] if r.split(",")[0] in ("1", "2")), rows
     # metaopt eval of the same run: same report, its own strict-JSON file.
-    code, out, err = run_cli(capsys, "eval", str(tmp_path / "r"), "--tasks", "3", "--split", "val", "--quiet")
+    code, _out, err = run_cli(capsys, "eval", str(tmp_path / "r"), "--tasks", "3", "--split", "val", "--quiet")
     assert code == 1 and "val mse diverged" in one_error_line(err)
     assert strict_json(tmp_path / "r/eval_val_3tasks.json")["mean"] is None
 
@@ -258,8 +258,8 @@ def _tiny_omniglot(root: Path) -> dict[str, list[list[str]]]:
 def test_a_zeroed_omniglot_cache_is_detected_and_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from metaopt.tasks import Omniglot
 
-    kwargs: dict[str, Any] = dict(ways=2, verify=False, split_file=_tiny_omniglot(tmp_path / "data"),
-                                  cache_dir=tmp_path / "cache")
+    kwargs: dict[str, Any] = {"ways": 2, "verify": False, "split_file": _tiny_omniglot(tmp_path / "data"),
+                                  "cache_dir": tmp_path / "cache"}
     first = Omniglot(tmp_path / "data", **kwargs)
     assert Omniglot(tmp_path / "data", **kwargs).cache_hit
     obj = torch.load(first.cache_path, weights_only=True)
@@ -397,7 +397,7 @@ def test_random_sigkills_resume_to_the_uninterrupted_results_bit_for_bit(tmp_pat
             proc = spawn("train", SINE, "--out", "run", *args, cwd=tmp_path)
         else:
             proc = spawn("train", "--resume", "run", "--quiet", cwd=tmp_path)
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert kills >= 2
     a = torch.load(tmp_path / "ref/checkpoints/last.pt", weights_only=True)
@@ -412,6 +412,6 @@ def test_random_sigkills_resume_to_the_uninterrupted_results_bit_for_bit(tmp_pat
     ra, rb = strict_json(tmp_path / "ref/results.json"), strict_json(tmp_path / "run/results.json")
     ra.pop("elapsed_s"), rb.pop("elapsed_s")
     assert ra == rb
-    drop_time = lambda p: [r.rsplit(",", 1)[0] for r in p.read_text().splitlines()]  # noqa: E731
+    drop_time = lambda p: [r.rsplit(",", 1)[0] for r in p.read_text().splitlines()]
     assert drop_time(tmp_path / "ref/metrics.csv") == drop_time(tmp_path / "run/metrics.csv")
     assert not list((tmp_path / "run").rglob(".*.tmp"))
