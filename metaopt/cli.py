@@ -313,8 +313,9 @@ def describe_error(e: BaseException) -> tuple[int, str]:
                        "metaopt train --resume RUN_DIR (the last checkpoint is intact)")
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return 1, f"permission denied{where} ({e.strerror}); choose a writable --out or fix the permissions"
-        reason = e.strerror or str(e) or type(e).__name__
-        return 1, f"{reason}{where}" if not str(e) or e.strerror else str(e).splitlines()[0]
+        if e.strerror:
+            return 1, f"{e.strerror.lower()}:{where}" if where else e.strerror
+        return 1, (str(e).strip().splitlines() or [type(e).__name__])[0]
     first = (str(e).strip().splitlines() or [""])[0]
     return 1, (f"unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback, and please "
                "report it)")

@@ -367,7 +367,10 @@ class Trainer:
                 self.maml.load_state_dict(full)
             self.outer.load_state_dict(state["outer"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint does not match this run's model/optimizer: {str(e).splitlines()[0]}") from None
+            # torch's first line is only "Error(s) in loading state_dict for X:"; the keys follow.
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise CheckpointError(f"checkpoint does not match this run's model/optimizer: {detail}") from None
         rng = state["rng"]
         self.generator.set_state(rng["tasks"].cpu())  # generator states are CPU byte tensors
         torch.set_rng_state(rng["torch_cpu"].cpu())

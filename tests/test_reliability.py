@@ -309,7 +309,8 @@ def test_a_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(OSError, match=r"cannot download https://.*images_background.zip \(Name or service"):
         Omniglot(tmp_path / "data", download=True, cache_dir=tmp_path)
-    assert cli.describe_error(OSError("cannot download x (y)"))[0] == 1
+    assert cli.describe_error(OSError("cannot download x (y)")) == (1, "cannot download x (y)")
+    assert cli.describe_error(IsADirectoryError(errno.EISDIR, "Is a directory", "r/x")) == (1, "is a directory: r/x")
 
 
 # ============================================================================ short runs, threads
