@@ -62,18 +62,17 @@ def spawn(*argv: str, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_rewrite(metrics: Path, before: int | None, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until the child (re)wrote ``metrics`` (a start or resume opens it anew): past
-    its start-up, into the run."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.stat().st_mtime_ns != before:
-            return
-        time.sleep(0.02)
+def inode(path: Path) -> int | None:
+    return path.stat().st_ino if path.exists() else None
 
 
-def mtime(path: Path) -> int | None:
-    return path.stat().st_mtime_ns if path.exists() else None
+def last_iteration(metrics: Path) -> int:
+    """The last iteration logged in ``metrics.csv`` (-1: none yet)."""
+    try:
+        last = metrics.read_text().rstrip("\n").rsplit("\n", 1)[-1].split(",", 1)[0]
+    except OSError:
+        return -1
+    return int(last) if last.isdigit() else -1
 
 
 def wait_for_rows(metrics: Path, rows: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -381,26 +380,34 @@ def test_random_sigkills_resume_to_the_uninterrupted_results_bit_for_bit(tmp_pat
     exactly the uninterrupted run's checkpoint and results."""
     args = [*TINY, "--set", "train.iterations=40", "--set", "train.checkpoint_every=3", "--set", "train.eval_every=10"]
     assert run_cli(capsys, "train", SINE, "--out", str(tmp_path / "ref"), *args)[0] == 0  # in this process
+    # Random moments in training progress rather than wall-clock time (so that a fast and a
+    # loaded machine kill at the same kind of moments): past iteration k, plus 0-20 ms.
     rng = random.Random(16)
-    kills = 0
+    targets = sorted(rng.sample(range(2, 38), 3))
     metrics = tmp_path / "run/metrics.csv"
-    before = mtime(metrics)
+    kills, old, saved = 0, None, []
     proc = spawn("train", SINE, "--out", "run", *args, cwd=tmp_path)
-    for _ in range(3):
-        wait_for_rewrite(metrics, before, proc)
-        time.sleep(rng.uniform(0.0, 0.5))
+    for target in targets:
+        # A start or resume replaces metrics.csv (new inode; a resume drops the rows after
+        # its checkpoint), so the killed process's rows do not count.
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and (
+                inode(metrics) in (None, old) or last_iteration(metrics) < target):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.02))
         if proc.poll() is None:
             proc.kill()
             kills += 1
         proc.wait(timeout=60)
-        before = mtime(metrics)
+        old = inode(metrics)
+        saved.append(last_iteration(metrics))
         if not (tmp_path / "run/checkpoints/last.pt").exists():  # killed before the first checkpoint
             proc = spawn("train", SINE, "--out", "run", *args, cwd=tmp_path)
         else:
             proc = spawn("train", "--resume", "run", "--quiet", cwd=tmp_path)
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert kills >= 2
+    assert kills == 3 and all(target <= it < 40 for target, it in zip(targets, saved)), (targets, saved)
     a = torch.load(tmp_path / "ref/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == 40
