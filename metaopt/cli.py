@@ -45,7 +45,11 @@ examples:
   metaopt bench --help
 
 run directory: config.yaml, metrics.csv, checkpoints/last.pt, results.json, plots/*.png,
-TensorBoard event files (tensorboard --logdir runs).
+TensorBoard event files (tensorboard --logdir runs), eval_*.json (metaopt eval).
+
+errors: one line on stderr (--debug: the traceback); exit 2 for usage/config, 1 at run
+time (non-finite loss, diverged evaluation, run directory in use, disk full), 130 after
+Ctrl-C and 143 after SIGTERM (both write a checkpoint first).
 """
 
 

@@ -5,13 +5,17 @@ Layout of a run directory (written by rank 0 only)::
     config.yaml            the resolved config
     metrics.csv            one row per logged iteration (RunLogger)
     checkpoints/last.pt    everything needed to continue bit for bit (save_checkpoint)
-    results.json           final test results (write_json)
+    results.json           final test results (write_json; strict JSON, null where not finite)
+    eval_*.json            results of ``metaopt eval`` (never results.json)
+    .lock                  held by the process training in the directory (lock_run_dir)
     plots/*.png            learning curves (metaopt.plots, needs the ``plot`` extra)
     events.out.tfevents.*  TensorBoard scalars (needs the ``tensorboard`` extra)
 
 Every file is written atomically by :func:`atomic_write` (a temporary file in the same
 folder, flushed and fsynced, then ``os.replace``): a crash or a full disk in the middle of a
-write leaves the previous file intact, never half a file.
+write leaves the previous file intact, never half a file; the next run removes the
+temporary files of killed writes (:func:`remove_stale_temporaries`). Checkpoints carry a
+sha256 of their tensors (:func:`tensor_checksum`), checked on load.
 
 Example:
     >>> import tempfile, pathlib
