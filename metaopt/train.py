@@ -101,6 +101,8 @@ RESUMABLE_KEYS = frozenset(
 #: synchronisation (sinusoid MLP on a 2-core machine under load: 11 ms/iteration on one
 #: thread, 600 ms on two).
 SMALL_MODEL_PARAMS = 100_000
+# torch's own default (physical cores, or $OMP_NUM_THREADS), read before any Trainer sets it.
+_TORCH_THREADS = torch.get_num_threads()
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -156,8 +158,8 @@ def _default_threads(model: nn.Module) -> int:
     try:
         free = (os.cpu_count() or 1) - round(os.getloadavg()[0])
     except OSError:  # pragma: no cover - no load average on this platform
-        free = torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), free))
+        free = _TORCH_THREADS
+    return max(1, min(_TORCH_THREADS, free))
 
 
 def _progress(batches: Iterable[Any], desc: str, total: int | None, enabled: bool) -> Iterable[Any]:
