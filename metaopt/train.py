@@ -451,7 +451,12 @@ class Trainer:
                 # of writes killed before us (a live writer's would look the same) can go.
                 stack.enter_context(lock_run_dir(self.run_dir))
                 remove_stale_temporaries(self.run_dir)
-            return self._fit()
+            try:
+                return self._fit()
+            except OSError as e:
+                if e.filename is None and self.run_dir is not None:  # a failed write(): say where
+                    e.filename = str(self.run_dir)
+                raise
 
     def _fit(self) -> dict[str, Any]:
         t = self.cfg["train"]

@@ -161,6 +161,25 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path: Path, cap
     assert load_checkpoint(run / "checkpoints/last.pt")["iteration"] == 2
 
 
+def test_a_really_full_disk_is_one_line(tmp_path: Path) -> None:
+    """The same on a 64 KiB tmpfs (needs root and mount; skipped elsewhere)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "metaopt", "train", SINE, "--out", str(small / "run"), *TINY,
+             "--set", "train.iterations=100000", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=0"],
+            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+        line = one_error_line(proc.stderr)
+        assert proc.returncode == 1 and f"cannot write {small / 'run'}: no space left on device" in line, proc.stderr
+        assert load_checkpoint(small / "run/checkpoints/last.pt")["iteration"] % 20 == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def test_an_overflowing_outer_lr_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_cli(capsys, "train", SINE, "--out", str(tmp_path / "r"), *TINY, "--set", "outer.lr=1e38",
                            "--set", "train.iterations=2")
