@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -280,12 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "config": _cmd_config}
+    # SIGTERM outside the training loop (start-up, a long evaluation): stop like Ctrl-C, with
+    # a line and 143, instead of dying silently. The loop installs its own checkpointing handler.
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
     try:
         return commands[args.command](args)
     except TrainingInterrupted as e:
         where = f" --resume {e.checkpoint.parent.parent}" if e.checkpoint is not None else ""
         print(f"metaopt: {e}; continue with: metaopt train{where}", file=sys.stderr)
         return 128 + int(e.signum)
+    except _Terminated:
+        print("metaopt: terminated (SIGTERM); a run continues from its last checkpoint with: "
+              "metaopt train --resume RUN_DIR", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("metaopt: interrupted", file=sys.stderr)
         return 130
@@ -295,6 +303,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, line = describe_error(e)
         print(f"metaopt: error: {line}", file=sys.stderr)
         return code
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def describe_error(e: BaseException) -> tuple[int, str]:
