@@ -1,24 +1,35 @@
 """The ``metaopt`` command (also ``python -m metaopt``).
 
-User errors (bad config, missing data, corrupt checkpoint) print one line
-``metaopt: error: ...`` on stderr and exit with status 2; a non-finite loss exits with 1,
-Ctrl-C with 130 (after saving a checkpoint).
+Every failure prints one line ``metaopt: error: <cause>; <fix>`` on stderr, never a
+traceback (``--debug`` shows it), and exits with:
+
+* 2 - usage and config: a bad key or value, a missing file, an unusable ``--out``, a
+  corrupt checkpoint, a run the command line cannot rebuild;
+* 1 - at run time: a non-finite meta-loss, an evaluation that diverged (results files
+  then hold ``null`` and the reason), a run directory in use by another process, an OS
+  error (full disk, permissions, network);
+* 130 after Ctrl-C and 143 after SIGTERM, with a checkpoint of the last finished iteration.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from metaopt import __version__, config
 from metaopt.build import resolve_device
 from metaopt.checks import ConfigError, check_int
 from metaopt.distributed import is_main_process, same_on_every_rank
 from metaopt.loop import NonFiniteLossError, format_metric
-from metaopt.rundir import CheckpointError
+from metaopt.rundir import CheckpointError, RunDirLocked
 from metaopt.train import Trainer, TrainingInterrupted, evaluate_run, make_resumed_trainer
 
 EPILOG = """\
@@ -35,7 +46,11 @@ examples:
   metaopt bench --help
 
 run directory: config.yaml, metrics.csv, checkpoints/last.pt, results.json, plots/*.png,
-TensorBoard event files (tensorboard --logdir runs).
+TensorBoard event files (tensorboard --logdir runs), eval_*.json (metaopt eval).
+
+errors: one line on stderr (--debug: the traceback); exit 2 for usage/config, 1 at run
+time (non-finite loss, diverged evaluation, run directory in use, disk full), 130 after
+Ctrl-C and 143 after SIGTERM (both write a checkpoint first).
 """
 
 
@@ -45,6 +60,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
                    help="overrides train.device (default: the config's, 'auto')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_debug(p)
+
+
+def _add_debug(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    # SUPPRESS on subcommands: a subparser's default would overwrite ``metaopt --debug train``.
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, print the full traceback instead of one line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"metaopt {__version__}")
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -77,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="evaluate a run's last checkpoint on held-out tasks",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate RUN_DIR's checkpoints/last.pt on held-out tasks; writes\n"
+                    "RUN_DIR/eval_<split>_<tasks>tasks[_<N>steps].json (never the training's results.json).",
         epilog="examples:\n  metaopt eval runs/sine\n  metaopt eval runs/sine --steps 1     # after one inner step\n"
                "  metaopt eval runs/o5 --tasks 1000 --split val",
     )
@@ -86,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="inner steps at test time (default: inner.eval_steps; writes results_<split>_<N>steps.json)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_debug(p)
 
     p = sub.add_parser(
         "compare", help="train one config with several inner optimizers (tuned on validation) and seeds",
@@ -116,9 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare-<config name>-<time>)")
     _add_common(p)
 
-    p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
+    p = sub.add_parser(
+        "config", help="print the resolved config (defaults + file + --set)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the config a run would use: the defaults, CONFIG (with its base: chain) and --set.",
+        epilog="examples:\n"
+               "  metaopt config                                   # the defaults\n"
+               "  metaopt config configs/omniglot_20w5s.yaml\n"
+               "  metaopt config configs/sinusoid.yaml --set inner.name=adafactor --set inner.lr=0.3\n"
+               "  metaopt config runs/sine/config.yaml            # what a run used",
+    )
     p.add_argument("config", nargs="?")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set inner.lr=0.05 (repeatable; values read as YAML)")
+    _add_debug(p)
 
     sub.add_parser("bench", help="benchmark the engine (see: metaopt bench --help)", add_help=False)
     return parser
@@ -157,6 +195,24 @@ def _bench(argv: Sequence[str]) -> int:
     return int(bench.run(parser.parse_args(list(argv))) or 0)
 
 
+def _check_out(out: Path) -> None:
+    """A usable ``--out``: a folder (or nothing yet) under a writable existing ancestor."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+    try:  # really create something there: permission bits do not bind root, /proc or a read-only mount do
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".metaopt-probe-"))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create folders in {probe} ({e.strerror or e}); "
+                          "choose a writable --out") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     progress = ["train.progress=false"] if args.quiet else []
     if args.resume:
@@ -173,31 +229,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else _default_out(args.config)
         if not args.out:  # under torchrun: rank 0's clock names the run directory for all ranks
             out = same_on_every_rank(out, resolve_device(args.device or cfg["train"]["device"]))
+        _check_out(out)
         if (out / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
         trainer = Trainer(cfg, out, device=args.device)
         if trainer.is_main:
             print(f"run directory: {out}", file=sys.stderr)
+    if trainer.threads and trainer.threads > 1 and trainer.is_main:
+        print(f"using {trainer.threads} CPU threads (train.threads); on a shared machine set train.threads=1 "
+              "if training is slow", file=sys.stderr)
     results = trainer.fit()
-    if trainer.is_main:
-        _print_results(results, trainer.run_dir)
-    return 0
+    run_dir = trainer.run_dir
+    if not trainer.is_main or run_dir is None:
+        return 0
+    return _print_results(results, run_dir / "results.json", run_dir / "plots")
 
 
-def _print_results(results: dict, run_dir: Path | None) -> None:
+def _print_results(results: dict, path: Path | str | None, plots: Path | None = None) -> int:
+    """Print the results (stdout); a diverged evaluation is an error line (stderr) and 1."""
+    split = results.get("split", "test")
     if results.get("mean") is not None:
-        print(f"test {results['metric']}: {format_metric(results['metric'], results['mean'], results['ci95'])} "
+        print(f"{split} {results['metric']}: {format_metric(results['metric'], results['mean'], results['ci95'])} "
               f"({results['tasks']} tasks, {results.get('inner_steps')} inner steps; before adaptation "
               f"{format_metric(results['metric'], results['before']['mean'])}) at iteration {results['iteration']}")
-    if run_dir is not None:
-        print(f"results: {run_dir / 'results.json'}  plots: {run_dir / 'plots'}")
+    if path is not None:
+        print(f"results: {path}" + (f"  plots: {plots}" if plots is not None else ""))
+    if results.get("diverged"):
+        print(f"metaopt: error: {results['diverged']} (written as null to {path})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     check_int("--tasks", args.tasks, least=1, error=ConfigError)
-    results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, steps=args.steps, device=args.device)
+    results = evaluate_run(args.run_dir, tasks=args.tasks, split=args.split, steps=args.steps, device=args.device,
+                           progress=not args.quiet)
     if is_main_process():  # under torchrun the evaluation is sharded; rank 0 reports
-        _print_results(results, None)
+        return _print_results(results, results.get("path"))
     return 0
 
 
@@ -225,21 +293,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "config": _cmd_config}
+    # SIGTERM outside the training loop (start-up, a long evaluation): stop like Ctrl-C, with
+    # a line and 143, instead of dying silently. The loop installs its own checkpointing handler.
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
     try:
         return commands[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"metaopt: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"metaopt: error: {e}", file=sys.stderr)
-        return 1
     except TrainingInterrupted as e:
         where = f" --resume {e.checkpoint.parent.parent}" if e.checkpoint is not None else ""
         print(f"metaopt: {e}; continue with: metaopt train{where}", file=sys.stderr)
-        return 130
+        return 128 + int(e.signum)
+    except _Terminated:
+        print("metaopt: terminated (SIGTERM); a run continues from its last checkpoint with: "
+              "metaopt train --resume RUN_DIR", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("metaopt: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into a line and a status
+        if args.debug:
+            traceback.print_exc()
+        code, line = describe_error(e)
+        print(f"metaopt: error: {line}", file=sys.stderr)
+        return code
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """(exit status, one line naming the cause and the fix) for an error that ends a command.
+
+    Example:
+        >>> describe_error(OSError(errno.ENOSPC, "No space left on device", "runs/a/metrics.csv"))
+        (1, 'cannot write runs/a/metrics.csv: no space left on device; free some space, then continue with metaopt train --resume RUN_DIR (the last checkpoint is intact)')
+    """
+    if isinstance(e, (ConfigError, CheckpointError)):
+        return 2, str(e)
+    if isinstance(e, FileNotFoundError):
+        return 2, str(e) if e.filename is None else f"file not found: {e.filename}"
+    if isinstance(e, (NonFiniteLossError, RunDirLocked)):
+        return 1, str(e)
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return 1, (f"cannot write{where}: no space left on device; free some space, then continue with "
+                       "metaopt train --resume RUN_DIR (the last checkpoint is intact)")
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return 1, f"permission denied{where} ({e.strerror}); choose a writable --out or fix the permissions"
+        if e.strerror:
+            return 1, f"{e.strerror.lower()}:{where}" if where else e.strerror
+        return 1, (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = (str(e).strip().splitlines() or [""])[0]
+    return 1, (f"unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback, and please "
+               "report it)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,7 +101,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                       help="adafactor implementation: torch.optim.Adafactor or transformers'"),
     },
     "train": {
-        "iterations": Field("int", 5000, min=0, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
+        "iterations": Field("int", 5000, min=1, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
         "meta_batch_size": Field("int", 25, min=1, help="tasks per meta-iteration"),
         "seed": Field("int", 0, help="seed of the model init and of the training tasks (held-out tasks are fixed)"),
         "eval_every": Field("int", 500, min=0, help="validate every N iterations (0: never)"),
@@ -117,6 +117,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "progress": Field("bool", True, help="show a tqdm progress bar"),
         "precision": Field("str", "fp32", choices=PRECISIONS,
                            help="meta-step/evaluation arithmetic: fp32 | bf16 | fp16 (autocast) | tf32 (CUDA matmuls)"),
+        "threads": Field("int", None, nullable=True, min=1,
+                         help="CPU threads (null: 1 for models under 100k parameters, else torch's default "
+                              "capped by the idle cores)"),
     },
 }
 
@@ -152,7 +155,8 @@ def read_yaml(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict[str, An
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
     if data is None:
-        data = {}
+        raise ConfigError(f"{path} is empty; a config needs at least one section ({', '.join(SECTIONS)}) or "
+                          "'base: other.yaml' (run 'metaopt config' to see the defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)

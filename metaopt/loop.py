@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from metaopt.maml import MAML
+from metaopt.rundir import json_safe
 from metaopt.stats import mean_ci
 from metaopt.tasks.base import TaskBatch, as_task_batch
 
@@ -57,13 +58,14 @@ __all__ = [
 class NonFiniteLossError(RuntimeError):
     """The meta-loss became NaN or infinite; ``iteration`` is the 1-based meta-iteration."""
 
-    def __init__(self, iteration: int, value: float, checkpoint: Path | None) -> None:
+    def __init__(self, iteration: int, value: float, checkpoint: Path | None, *, what: str = "") -> None:
         kept = (
             f"; the last good checkpoint is kept at {checkpoint}" if checkpoint is not None and checkpoint.exists()
             else ""
         )
+        what = what or f"non-finite meta-loss ({value})"
         super().__init__(
-            f"non-finite meta-loss ({value}) at iteration {iteration}; training stopped{kept}. "
+            f"{what} at iteration {iteration}; training stopped{kept}. "
             "Try a smaller inner.lr or outer.lr, or train.grad_clip"
         )
         self.iteration = iteration
@@ -175,7 +177,14 @@ def meta_step(
         raise NonFiniteLossError(iteration, values[0], checkpoint)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in maml.parameters() if p.grad is not None], grad_clip)
-    outer.step()
+    try:
+        outer.step()
+    except RuntimeError as e:  # a huge lr: "value cannot be converted to type float without overflow"
+        if "overflow" not in str(e):
+            raise
+        lrs = sorted({float(g["lr"]) for g in outer.param_groups if "lr" in g})
+        raise NonFiniteLossError(iteration, math.inf, checkpoint,
+                                 what=f"the outer step overflowed float (outer lr {', '.join(map(str, lrs))})") from None
     return StepStats(*values)
 
 
@@ -225,17 +234,46 @@ class EvalResult:
     split: str = "val"
     values: list[float] = field(default_factory=list, repr=False)
 
+    @property
+    def diverged_tasks(self) -> int:
+        """How many tasks' metric is NaN/inf (the inner loop diverged on them)."""
+        return sum(not math.isfinite(v) for v in self.values) if self.values else int(not math.isfinite(self.mean))
+
+    def divergence(self, inner_lr: Any = None) -> str | None:
+        """``None``, or one line naming the metric, the tasks, the inner steps (and lr) of a
+        diverged evaluation, with the fix.
+
+        Example:
+            >>> r = EvalResult("mse", math.nan, math.nan, math.nan, 4, 10, 1.0, 0.1, math.nan, "test",
+            ...                [0.1, math.nan, 0.2, math.inf])
+            >>> r.divergence(0.3)
+            'test mse diverged on 2 of 4 tasks after 10 inner steps at inner lr 0.3; use a smaller inner.lr or inner.eval_steps'
+        """
+        n = self.diverged_tasks
+        if not n:
+            return None
+        lr = f" at inner lr {inner_lr}" if inner_lr is not None else ""
+        return (f"{self.split} {self.metric} diverged on {n} of {self.tasks} tasks after {self.inner_steps} inner "
+                f"steps{lr}; use a smaller inner.lr or inner.eval_steps")
+
     def summary(self) -> str:
         name = "accuracy" if self.metric == "accuracy" else "MSE"
+        if self.diverged_tasks:
+            return f"{self.split} {name} diverged ({self.diverged_tasks} of {self.tasks} tasks non-finite)"
         return (f"{self.split} {name} {format_metric(self.metric, self.mean, self.ci95)} ({self.tasks} tasks, "
                 f"{self.inner_steps} inner steps; before adaptation {format_metric(self.metric, self.before_mean)})")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, inner_lr: Any = None) -> dict[str, Any]:
+        """Strict-JSON fields: non-finite numbers become ``None`` and a ``diverged`` entry
+        (:meth:`divergence`) says why."""
         d = asdict(self)
         d.pop("values")
         d["before"] = {"mean": d.pop("before_mean"), "ci95": d.pop("before_ci95")}
         d["query_loss"] = d.pop("loss_mean")
-        return d
+        reason = self.divergence(inner_lr)
+        if reason is not None:
+            d["diverged"] = reason
+        return json_safe(d)
 
 
 def _mean_ci(values: Tensor) -> tuple[float, float | None, float | None]:

@@ -56,38 +56,47 @@ def _smooth(ys: Sequence[float], w: int) -> list[float]:
     return out
 
 
+def _marker(xs: Sequence[float]) -> dict[str, Any]:
+    """Markers on short series: a line through one point draws nothing."""
+    return {"marker": "o", "ms": 3} if len(xs) <= 20 else {}
+
+
 def learning_curves(metrics_csv: str | Path, out_png: str | Path, *, title: str = "", metric: str = "") -> Path:
-    """Two panels: training meta-loss (before/after adaptation) and the validation metric."""
+    """Training meta-loss (before/after adaptation) and, when the run validated, the
+    validation metric (a second panel; none rather than an empty one)."""
     cols = read_metrics(metrics_csv)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
+    xs, ys = _series(cols, "val_metric")
+    fig, axes = plt.subplots(1, 2 if xs else 1, figsize=(11 if xs else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    drawn = False
     for key, label in (("loss_before", "before adaptation"), ("meta_loss", "after adaptation (meta-loss)")):
-        xs, ys = _series(cols, key)
-        if xs:
-            w = max(1, len(ys) // 50)
-            ax.plot(xs, _smooth(ys, w), label=label + (f", mean of {w}" if w > 1 else ""), lw=1)
+        lx, ly = _series(cols, key)
+        if lx:
+            w = max(1, len(ly) // 50)
+            ax.plot(lx, _smooth(ly, w), label=label + (f", mean of {w}" if w > 1 else ""), lw=1, **_marker(lx))
+            drawn = True
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("query loss (train tasks)")
     if any(y > 0 for y in cols.get("loss_before", []) if not math.isnan(y)):
         ax.set_yscale("log")
-    ax.legend()
+    if drawn:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no finite training loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
-    ax = axes[1]
-    xs, ys = _series(cols, "val_metric")
-    _, cis = _series(cols, "val_ci95")
     if xs:
+        ax = axes[0][1]
+        _, cis = _series(cols, "val_ci95")
         ax.plot(xs, ys, marker="o", ms=3, label="after adaptation (eval steps)")
         if len(cis) == len(ys):
             ax.fill_between(xs, [y - c for y, c in zip(ys, cis)], [y + c for y, c in zip(ys, cis)], alpha=0.25)
         bx, by = _series(cols, "val_before")
         if bx:
-            ax.plot(bx, by, ls="--", label="before adaptation")
+            ax.plot(bx, by, ls="--", label="before adaptation", **_marker(bx))
         ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(f"validation {metric}".strip())
-    ax.grid(alpha=0.3)
+        ax.set_xlabel("meta-iteration")
+        ax.set_ylabel(f"validation {metric}".strip())
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -122,14 +131,20 @@ def compare_curves(
     *,
     metric: str = "metric",
     title: str = "",
+    ylabel: str | None = None,
 ) -> Path:
     """Mean over seeds with a 95% CI band, one line per inner optimizer.
 
     Args:
         runs: ``{label: [(iterations, values), ...]}``, one pair per seed. Seeds are
             aligned on the iterations they share.
+        ylabel: the y-axis label; default ``"validation <metric>"``, or ``metric`` itself
+            when it names its own data in parentheses (``"meta-loss (train)"``).
     """
+    if ylabel is None:
+        ylabel = metric if metric.endswith(")") else f"validation {metric}"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    drawn = 0
     for label, seeds in runs.items():
         common = sorted(set.intersection(*(set(xs) for xs, _ in seeds))) if seeds else []
         if not common:
@@ -143,10 +158,14 @@ def compare_curves(
             ci.append(c)
         ax.plot(common, mean, marker="o", ms=3, label=f"{label} (n={len(seeds)})")
         ax.fill_between(common, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], alpha=0.2)
+        drawn += 1
     ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(f"validation {metric}")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if drawn:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no iterations shared by the seeds", ha="center", va="center", transform=ax.transAxes)
     if title:
         ax.set_title(title)
     fig.tight_layout()

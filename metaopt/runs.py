@@ -161,9 +161,10 @@ def validation_metric(run_dir: str | Path, *, device: str | None = None) -> floa
     tasks (the fixed validation set). This, never the test metric, is what
     :func:`metaopt.compare.compare` tunes on.
 
-    The run's own validation at its last iteration (``metrics.csv``) is that number when
-    ``train.eval_every`` divides ``train.iterations``; otherwise the checkpoint is evaluated
-    on the same tasks (cached in ``results_val.json``).
+    The run's own validation at its last iteration (``metrics.csv``) is that number (the
+    trainer validates at the last iteration whenever ``train.eval_every > 0``); otherwise the
+    checkpoint is evaluated on the same tasks by :func:`metaopt.train.evaluate_run` (which
+    caches it in ``eval_val_<T>tasks.json``).
     """
     run_dir = Path(run_dir)
     it = (_read_json(run_dir / "results.json") or {}).get("iteration")
@@ -174,7 +175,8 @@ def validation_metric(run_dir: str | Path, *, device: str | None = None) -> floa
         last = [v for x, v in zip(cols.get("iteration", []), cols.get("val_metric", [])) if x == it and not math.isnan(v)]
         if last:
             return float(last[-1])
-    cached = _read_json(run_dir / "results_val.json")
+    tasks = config_mod.load(run_dir / "config.yaml")["train"]["eval_tasks"]
+    cached = _read_json(run_dir / f"eval_val_{tasks}tasks.json")
     if cached is not None and it is not None and cached.get("iteration") == it:
         return float(cached["mean"])
     return float(evaluate_run(run_dir, split="val", device=device)["mean"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
 import sys
 import threading
@@ -47,14 +48,15 @@ from tqdm.auto import tqdm
 from metaopt import config as config_mod
 from metaopt import distributed as dist_mod
 from metaopt.build import build_maml, build_model, build_outer, build_tasks, has_splits, resolve_device
-from metaopt.checks import check_int
+from metaopt.checks import check_choice, check_int
 from metaopt.config import Config, ConfigError
 from metaopt.loop import (
     LOCAL, Collective, CycledBatches, EvalResult, NonFiniteLossError, SampledBatches, StepStats, evaluate,
     meta_step,
 )
 from metaopt.rundir import (
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunLogger, load_checkpoint, save_checkpoint, write_json,
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunDirLocked, RunLogger, atomic_write, load_checkpoint,
+    lock_run_dir, remove_stale_temporaries, save_checkpoint, write_json,
 )
 from metaopt.tasks.base import eval_batches, generator_device, task_loss
 
@@ -64,6 +66,7 @@ __all__ = [
     "ConfigError",
     "EvalResult",
     "NonFiniteLossError",
+    "RunDirLocked",
     "RunLogger",
     "StepStats",
     "Trainer",
@@ -88,41 +91,81 @@ RESUMABLE_KEYS = frozenset(
     f"train.{k}"
     for k in (
         "iterations", "checkpoint_every", "eval_every", "eval_tasks", "test_tasks", "eval_batch_size",
-        "log_every", "device", "tensorboard", "plots", "progress",
+        "log_every", "device", "tensorboard", "plots", "progress", "threads",
     )
 )
 
+#: Models with fewer parameters than this train on one CPU thread by default
+#: (``train.threads: null``): their ops are too small to split, and extra threads only add
+#: synchronisation (sinusoid MLP on a 2-core machine under load: 11 ms/iteration on one
+#: thread, 600 ms on two).
+SMALL_MODEL_PARAMS = 100_000
+# torch's own default (physical cores, or $OMP_NUM_THREADS), read before any Trainer sets it.
+_TORCH_THREADS = torch.get_num_threads()
+
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; a checkpoint of the last finished iteration was written."""
+    """Ctrl-C or SIGTERM during training; a checkpoint of the last finished iteration was
+    written. ``signum``: the signal (``signal.SIGINT`` or ``signal.SIGTERM``)."""
 
-    def __init__(self, iteration: int, checkpoint: Path | None) -> None:
+    def __init__(self, iteration: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
         where = f"; checkpoint saved to {checkpoint}" if checkpoint is not None else ""
-        super().__init__(f"interrupted after iteration {iteration}{where}")
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        super().__init__(f"interrupted ({name}) after iteration {iteration}{where}")
         self.iteration = iteration
         self.checkpoint = checkpoint
+        self.signum = signum
 
 
-class _SigintGuard:
-    """Turn the first Ctrl-C into a flag checked between iterations (a second one raises)."""
+class _StopGuard:
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM (what schedulers such as Slurm and
+    Kubernetes send before killing a job) into a flag checked between iterations, so the run
+    checkpoints its last finished iteration and exits; a second signal raises at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.hit = False
-        self._old: Any = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_SigintGuard":
+    @property
+    def hit(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> _StopGuard:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.hit:
             raise KeyboardInterrupt
-        self.hit = True
+        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _default_threads(model: nn.Module) -> int:
+    """``train.threads: null``: 1 for small models (see :data:`SMALL_MODEL_PARAMS`), else
+    torch's default capped by the cores not already busy (load average), at least 1: on a
+    loaded machine torch's default oversubscribes the cores and runs 20-100x slower."""
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        return 1
+    try:
+        free = (os.cpu_count() or 1) - round(os.getloadavg()[0])
+    except OSError:  # pragma: no cover - no load average on this platform
+        free = _TORCH_THREADS
+    return max(1, min(_TORCH_THREADS, free))
+
+
+def _progress(batches: Iterable[Any], desc: str, total: int | None, enabled: bool) -> Iterable[Any]:
+    """``batches`` under a transient tqdm bar on stderr (evaluations can take a minute)."""
+    if not enabled:
+        return batches
+    return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -176,6 +219,8 @@ class Trainer:
         loss_fn: the task loss (default: the task's ``loss``, else MSE for float targets and
             cross-entropy for integer targets).
         resume: continue from ``out_dir/checkpoints/last.pt``.
+        threads: see ``train.threads``; set with ``torch.set_num_threads`` (process-wide)
+            when training on the CPU.
         distributed: ``True`` (default): when started by ``torchrun`` (``WORLD_SIZE > 1``)
             or inside an initialised process group, shard each meta-batch across the ranks
             (see :mod:`metaopt.distributed`); ``False``: always one process.
@@ -217,6 +262,12 @@ class Trainer:
         # The task distribution of the config, or none when the user brings batches; from
         # here on both are the same thing: a stream of training batches and held-out sets.
         self.train_tasks: Any = build_tasks(self.cfg, "train", self.device) if data is None else None
+        self._eval_tasks: dict[str, Any] = {}
+        if data is None and has_splits(self.cfg["task"]["name"]):
+            # Build the held-out splits now: a config that cannot serve them (task.ways
+            # larger than the val split's classes) fails before the run directory exists.
+            for split in ("val", "test") if t["eval_every"] else ("test",):
+                self._eval_tasks[split] = build_tasks(self.cfg, split, self.device)
         self.generator = torch.Generator(device=generator_device(self.train_tasks)).manual_seed(t["seed"])
         self.batches: SampledBatches | CycledBatches = (
             SampledBatches(self.train_tasks, t["meta_batch_size"], self.generator, self.device, self.sync)
@@ -228,12 +279,19 @@ class Trainer:
             else {split: (None if given is None else functools.partial(_given, given))
                   for split, given in (("val", val_data), ("test", test_data))}
         )
-        self._eval_tasks: dict[str, Any] = {}
         self.model = (model if model is not None else build_model(self.cfg, self.train_tasks)).to(self.device)
         self.maml = build_maml(self.cfg, self.model, loss_fn or task_loss(self.train_tasks)).to(self.device)
         if ctx is not None:
             ctx.broadcast_parameters(self.maml)  # every rank starts from rank 0's weights
         self.outer = build_outer(self.cfg, self.maml.parameters())
+        # What the config does not describe: runs with the user's objects record it, so
+        # that the command line refuses to resume or evaluate them with the config's own.
+        self.custom = {name: type(obj).__name__ if name != "loss_fn" else getattr(obj, "__name__", type(obj).__name__)
+                       for name, obj in (("data", data), ("model", model), ("loss_fn", loss_fn)) if obj is not None}
+        self.threads: int | None = None
+        if self.device.type == "cpu":
+            self.threads = t.get("threads") or _default_threads(self.model)
+            torch.set_num_threads(self.threads)
         self.classification: bool | None = None  # decided by the first batch's targets
         self.iteration = 0
         self.elapsed = 0.0
@@ -293,6 +351,7 @@ class Trainer:
             "data_batches": self.batches.consumed,
             "elapsed": self.elapsed,
             "config": config_mod.dump(self.cfg),
+            "custom": dict(self.custom),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -304,7 +363,10 @@ class Trainer:
                 self.maml.load_state_dict(full)
             self.outer.load_state_dict(state["outer"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint does not match this run's model/optimizer: {str(e).splitlines()[0]}") from None
+            # torch's first line is only "Error(s) in loading state_dict for X:"; the keys follow.
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise CheckpointError(f"checkpoint does not match this run's model/optimizer: {detail}") from None
         rng = state["rng"]
         self.generator.set_state(rng["tasks"].cpu())  # generator states are CPU byte tensors
         torch.set_rng_state(rng["torch_cpu"].cpu())
@@ -330,8 +392,8 @@ class Trainer:
         t = self.cfg["train"]
         if split not in self._eval_tasks:
             # A distribution without splits serves held-out tasks from fixed seeds.
-            self._eval_tasks[split] = (build_tasks(self.cfg, split, self.device)
-                                       if has_splits(self.cfg["task"]["name"]) else self.train_tasks)
+            self._eval_tasks[split] = (build_tasks(self.cfg, split, self.device) if has_splits(self.cfg["task"]["name"])
+                                       else self.train_tasks)
         count = n or (t["eval_tasks"] if split == "val" else t["test_tasks"])
         return eval_batches(self._eval_tasks[split], count, t["eval_batch_size"],
                             VAL_SEED if split == "val" else TEST_SEED, self.device)
@@ -342,8 +404,25 @@ class Trainer:
         held_out = self._held_out[split]
         if held_out is None:
             return None
+        batches = held_out(tasks)
+        t = self.cfg["train"]
+        if self.train_tasks is not None:  # the config's tasks: count known in advance
+            count = tasks or (t["eval_tasks"] if split == "val" else t["test_tasks"])
+            total: int | None = -(-count // t["eval_batch_size"])
+            desc = f"{split} ({count} tasks)"
+        else:
+            total, desc = (len(batches) if hasattr(batches, "__len__") else None), split  # type: ignore[arg-type]
+        batches = _progress(batches, desc, total, bool(t["progress"]) and self.is_main)
         with self._precision():
-            return evaluate(self.maml, held_out(tasks), split=split, device=self.device, sync=self.sync)
+            return evaluate(self.maml, batches, split=split, device=self.device, sync=self.sync)
+
+    def inner_lr(self) -> Any:
+        """The inner learning rate as a number (the learned one with ``inner.learn_lr``)."""
+        lr = self.cfg["inner"]["lr"]
+        learned = getattr(self.maml, "inner_hparams", {}).get("lr")
+        if learned is not None and learned.numel() == 1:
+            return round(float(learned.detach()), 6)
+        return lr
 
     # ------------------------------------------------------------------ fit
 
@@ -351,10 +430,29 @@ class Trainer:
         """Train to ``train.iterations``, then test; return the final results (also
         written to ``results.json``).
 
+        Results whose evaluation diverged (NaN/inf on some tasks) hold ``None`` for those
+        numbers and a ``"diverged"`` entry naming the metric, the tasks, the inner steps and lr.
+
         Raises:
             NonFiniteLossError: the meta-loss became NaN/inf (last good checkpoint kept).
-            TrainingInterrupted: Ctrl-C (a checkpoint of the last finished iteration is written).
+            TrainingInterrupted: Ctrl-C or SIGTERM (a checkpoint of the last finished
+                iteration is written).
+            RunDirLocked: another process is training in the same run directory.
         """
+        with contextlib.ExitStack() as stack:
+            if self.run_dir is not None and self.is_main:
+                # One writer per run directory, for the whole run; then the temporary files
+                # of writes killed before us (a live writer's would look the same) can go.
+                stack.enter_context(lock_run_dir(self.run_dir))
+                remove_stale_temporaries(self.run_dir)
+            try:
+                return self._fit()
+            except OSError as e:
+                if e.filename is None and self.run_dir is not None:  # a failed write(): say where
+                    e.filename = str(self.run_dir)
+                raise
+
+    def _fit(self) -> dict[str, Any]:
         t = self.cfg["train"]
         total = t["iterations"]
         logger = self._open_run()
@@ -364,7 +462,7 @@ class Trainer:
         try:
             if self.iteration == 0 and t["eval_every"] and (val := self.evaluate("val")) is not None:
                 self._log(logger, {"iteration": 0, **self._val_row(val)})
-            with _SigintGuard() as guard:
+            with _StopGuard() as guard:
                 while self.iteration < total:
                     started = time.perf_counter()
                     it = self.iteration + 1
@@ -377,7 +475,10 @@ class Trainer:
                         self.classification = not torch.is_floating_point(batch.query[1])
                     self.iteration = it
                     row: dict[str, Any] = {}
-                    if t["eval_every"] and it % t["eval_every"] == 0 and (new := self.evaluate("val")) is not None:
+                    # Validate every eval_every iterations and at the last one (a short run
+                    # still ends with a validation point).
+                    if (t["eval_every"] and (it % t["eval_every"] == 0 or it == total)
+                            and (new := self.evaluate("val")) is not None):
                         val = new
                         row.update(self._val_row(val))
                     self.elapsed += time.perf_counter() - started
@@ -390,7 +491,7 @@ class Trainer:
                     if t["checkpoint_every"] and it % t["checkpoint_every"] == 0 and it != total:
                         self.save()
                     if self.sync.any(guard.hit):
-                        raise TrainingInterrupted(it, self.save())
+                        raise TrainingInterrupted(it, self.save(), guard.signum or signal.SIGINT)
             bar.close()
             self.save()
             return self._finish(logger)
@@ -401,14 +502,18 @@ class Trainer:
 
     def _val_row(self, val: EvalResult) -> dict[str, Any]:
         ci = math.nan if val.ci95 is None else val.ci95
-        return {"val_metric": val.mean, "val_ci95": ci, "val_before": val.before_mean}
+        # A diverged validation is written "nan" (pandas and metaopt.plots read it as NaN);
+        # an empty cell means "not measured".
+        mean = val.mean if math.isfinite(val.mean) else "nan"
+        return {"val_metric": mean, "val_ci95": ci, "val_before": val.before_mean}
 
     def _postfix(self, s: StepStats, val: EvalResult | None) -> dict[str, str]:
         p = {"loss": f"{s.meta_loss:.4g}"}
         if not math.isnan(s.accuracy):
             p["acc"] = f"{100 * s.accuracy:.1f}%"
         if val is not None:
-            p[f"val_{val.metric}"] = f"{100 * val.mean:.1f}%" if val.metric == "accuracy" else f"{val.mean:.4g}"
+            p[f"val_{val.metric}"] = ("diverged" if val.diverged_tasks else
+                                      f"{100 * val.mean:.1f}%" if val.metric == "accuracy" else f"{val.mean:.4g}")
         return p
 
     def _log(self, logger: RunLogger | None, row: dict[str, Any]) -> None:
@@ -420,7 +525,12 @@ class Trainer:
         if self.run_dir is None or not self.is_main:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(self.cfg, self.run_dir / "config.yaml")
+        text = config_mod.dump(self.cfg)
+        if self.custom:  # the config does not describe what ran: say so where users look
+            given = ", ".join(f"{k}={v}" for k, v in self.custom.items())
+            text = (f"# started from Python with its own {given}: the task/model sections below do not\n"
+                    "# describe them; resume or evaluate this run from Python with the same objects.\n" + text)
+        atomic_write(self.run_dir / "config.yaml", text)
         return RunLogger(self.run_dir, self._hparam_columns(), tensorboard=self.cfg["train"]["tensorboard"],
                          resume_from=self.iteration if self.iteration else None)
 
@@ -428,7 +538,7 @@ class Trainer:
         test = self.evaluate("test")
         results: dict[str, Any] = {"iteration": self.iteration, "elapsed_s": round(self.elapsed, 3)}
         if test is not None:
-            results = {**test.to_json(), **results}
+            results = {**test.to_json(self.inner_lr()), **results}
             if logger is not None:
                 logger.scalar(f"test/{test.metric}", test.mean, self.iteration)
         else:
@@ -523,8 +633,21 @@ def make_resumed_trainer(run_dir: str | Path, *, overrides: Sequence[str] = (), 
         other = config_mod.load(config, list(overrides))
         _check_same(wanted, other, f"--resume {run_dir} and {config}")
     _check_same(saved, wanted, "--set while resuming")
-    load_checkpoint(run_dir / "checkpoints" / "last.pt")  # fail early with a clear message
+    _check_from_config(run_dir, "resume")  # also fails early on a missing or corrupt checkpoint
     return Trainer(wanted, run_dir, device=device, resume=True)
+
+
+def _check_from_config(run_dir: Path, what: str) -> None:
+    """Refuse to ``what`` (resume/evaluate) from its config a run that was started from
+    Python with its own data, model or loss: the config would rebuild different ones."""
+    custom = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("custom") or {}
+    if custom:
+        given = ", ".join(f"{k} ({v})" for k, v in custom.items())
+        raise ConfigError(
+            f"cannot {what} {run_dir} from its config: it was started from Python with its own {given}, which "
+            f"config.yaml does not describe; {what} it from Python with the same objects, e.g. "
+            f"Trainer(config, {str(run_dir)!r}, data=..., model=..., resume=True)"
+        )
 
 
 def _check_same(a: Config, b: Config, what: str) -> None:
@@ -539,12 +662,15 @@ def _check_same(a: Config, b: Config, what: str) -> None:
 
 
 def evaluate_run(run_dir: str | Path, *, tasks: int | None = None, split: str = "test",
-                 steps: int | None = None, device: str | None = None, write: bool = True) -> dict[str, Any]:
+                 steps: int | None = None, device: str | None = None, write: bool = True,
+                 progress: bool | None = None) -> dict[str, Any]:
     """Load ``run_dir``'s last checkpoint and evaluate it on ``tasks`` held-out tasks.
 
     ``steps`` overrides the inner steps (default ``inner.eval_steps``). Writes
-    ``results.json`` (test split, default steps), else ``results_<split>[_<N>steps].json``,
-    and returns the results.
+    ``eval_<split>_<T>tasks[_<N>steps].json`` (never the training's ``results.json``) and
+    returns the results (with ``"path"``, the file written; a diverged evaluation holds
+    ``None`` and a ``"diverged"`` reason, see :meth:`Trainer.fit`). ``progress``: show a
+    progress bar (default: the run's ``train.progress``).
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -552,14 +678,18 @@ def evaluate_run(run_dir: str | Path, *, tasks: int | None = None, split: str = 
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     if tasks is not None:
         check_int("--tasks", tasks, least=1, error=ConfigError)
-    trainer = Trainer(cfg_path, run_dir, device=device, resume=True)
+    check_choice("--split", split, ("test", "val"), error=ConfigError)
     if steps is not None:
-        trainer.maml.eval_inner_steps = check_int("--steps", steps, least=0, error=ConfigError)
+        check_int("--steps", steps, least=0, error=ConfigError)
+    _check_from_config(run_dir, "evaluate")
+    trainer = Trainer(cfg_path, run_dir, device=device, resume=True,
+                      overrides=[] if progress is None else [f"train.progress={str(progress).lower()}"])
+    if steps is not None:
+        trainer.maml.eval_inner_steps = steps
     res = trainer.evaluate(split, tasks)
     assert res is not None  # a config's run always has held-out tasks
-    out = {**res.to_json(), "iteration": trainer.iteration}
+    out = {**res.to_json(trainer.inner_lr()), "iteration": trainer.iteration}
     if write and trainer.is_main:
-        name = "results" if split == "test" and steps is None else f"results_{split}"
-        name += f"_{steps}steps" if steps is not None else ""
-        write_json(run_dir / f"{name}.json", out)
+        name = f"eval_{split}_{res.tasks}tasks" + (f"_{steps}steps" if steps is not None else "")
+        out["path"] = str(write_json(run_dir / f"{name}.json", out))
     return out

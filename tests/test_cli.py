@@ -66,10 +66,12 @@ def test_sinusoid_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert {p.name for p in (run / "plots").glob("*.png")} == {"learning_curves.png", "sinusoid_fit.png"}
     proc = metaopt("eval", "run", "--tasks", "30", cwd=tmp_path)
     assert "test mse" in proc.stdout
-    assert json.loads((run / "results.json").read_text())["tasks"] == 30
+    assert json.loads((run / "eval_test_30tasks.json").read_text())["tasks"] == 30
+    assert json.loads((run / "results.json").read_text())["tasks"] == 20  # the training's results stay
     assert cli.main(["eval", str(run), "--tasks", "10", "--steps", "1"]) == 0
-    one = json.loads((run / "results_test_1steps.json").read_text())
+    one = json.loads((run / "eval_test_10tasks_1steps.json").read_text())
     assert one["inner_steps"] == 1 and one["tasks"] == 10
+    capsys.readouterr()  # drop the evaluations' progress output
     for bad, message in ((["--tasks", "0"], "--tasks should be an int >= 1 but is: 0"),
                          (["--steps", "-1"], "--steps should be an int >= 0 but is: -1")):
         assert cli.main(["eval", str(run), *bad]) == 2
@@ -143,7 +145,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted after iteration" in err and "--resume" in err and "Traceback" not in err
+    assert "interrupted (Ctrl-C) after iteration" in err and "--resume" in err and "Traceback" not in err
     state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
     assert state["iteration"] >= 3
 
@@ -195,7 +197,7 @@ def test_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
     assert "inner.lr" in proc.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["config"]])
 def test_help_has_examples(command: list, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main([*command, "--help"])

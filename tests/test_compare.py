@@ -291,19 +291,19 @@ def test_entry_that_sets_the_tuned_key_is_not_tuned(tmp_path: Path) -> None:
 
 
 def test_validation_metric_reads_validation_tasks(tmp_path: Path) -> None:
-    # eval_every=2 with 3 iterations: no validation at the last iteration, so it is evaluated.
+    # eval_every=0: no validation during the run, so the checkpoint is evaluated on val.
     C.compare({}, "sgd", 1, tmp_path, overrides=QUICK + ["train.eval_tasks=3", "train.iterations=3",
-                                                         "train.eval_every=2"], device="cpu", log=None)
+                                                         "train.eval_every=0"], device="cpu", log=None)
     run = tmp_path / "sgd/seed0"
     v = C.validation_metric(run)
     assert v == pytest.approx(evaluate_run(run, split="val", write=False)["mean"])
     assert v != pytest.approx(json.loads((run / "results.json").read_text())["mean"])
-    assert json.loads((run / "results_val.json").read_text())["tasks"] == 3
+    assert json.loads((run / "eval_val_3tasks.json").read_text())["tasks"] == 3
     # With a validation at the last iteration, the run's own number is that same evaluation.
     C.compare({}, "sgd", 1, tmp_path / "b", overrides=QUICK + ["train.eval_tasks=3"], device="cpu", log=None)
     run_b = tmp_path / "b/sgd/seed0"
     v_b = C.validation_metric(run_b)
-    assert not (run_b / "results_val.json").exists()
+    assert not list(run_b.glob("eval_val_*.json"))
     assert v_b == pytest.approx(evaluate_run(run_b, split="val", write=False)["mean"], rel=1e-6)
     # Per-task test values by re-evaluation reproduce the saved test mean (and are cached).
     values = C.per_task_test_values(run)

@@ -106,7 +106,7 @@ BAD = [
     ({"model": {"name": "resnet"}}, "model.name"),
     ({"model": {"widths": [3]}}, "model.widths"),
     ({"train": {"precision": "fp8"}}, "train.precision should be one of fp32, bf16, fp16, tf32 but is: 'fp8'"),
-    ({"train": {"iterations": -1}}, "train.iterations should be an int >= 0 but is: -1"),
+    ({"train": {"iterations": -1}}, "train.iterations should be an int >= 1 but is: -1"),
     ({"model": {"name": "conv4"}}, "model.name"),
     ({"model": {"hidden_sizes": [40, "x"]}}, "model.hidden_sizes"),
     ({"train": {"device": "tpu"}}, "train.device"),

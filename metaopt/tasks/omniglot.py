@@ -27,7 +27,9 @@ import json
 import os
 import pickle
 import re
+import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -106,7 +108,12 @@ def _download(url: str, dest: Path) -> None:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
 
-    atomic_write(dest, write)
+    try:
+        atomic_write(dest, write)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise OSError(f"cannot download {url} ({reason}); check the network, or fetch the file by hand into "
+                      f"{dest.parent} (config key task.root)") from None
 
 
 def load_split(split_file: PathLike | Mapping[str, Sequence[Sequence[str]]] | None = None
@@ -175,8 +182,8 @@ def _npz_source(root: Path, verify: bool, checksums: Mapping[str, str]) -> dict[
         path = index if name == "index.json" else root / name
         got = _digest(path, "sha256")
         if verify:
-            hint = ("Get the NumPy copy again, or pass checksums={...} with the digests of "
-                    "your copy (or verify=False) if you trust it.")
+            hint = ("Get the NumPy copy again, or, if you trust your copy, give its digests "
+                    "(task.checksums / checksums={file: sha256}) or turn the check off (task.verify=false / verify=False).")
             _check(path, "sha256", checksums.get(name, NPZ_SHA256[name]), got, hint)
             if name in listed and name not in checksums:
                 _check(path, "sha256", listed[name], got, f"(listed in {root / 'SHA256SUMS'})")
@@ -190,8 +197,9 @@ def _zip_source(root: Path, verify: bool, checksums: Mapping[str, str]) -> dict[
         path = root / name
         got = _digest(path, "md5")
         if verify:
-            hint = (f"Delete it and run again with download=True (from {URL}{name}), or pass "
-                    "checksums={...} (or verify=False) for a copy you trust.")
+            hint = (f"Delete it and run again with task.download=true / download=True (from {URL}{name}), or, "
+                    "for a copy you trust, give its digests (task.checksums / checksums={file: md5}) or turn the "
+                    "check off (task.verify=false / verify=False).")
             _check(path, "md5", checksums.get(name, ZIP_MD5[name]), got, hint)
         digests[name] = got
     return digests
@@ -254,13 +262,26 @@ def _read_zips(root: Path) -> tuple[list[Character], np.ndarray]:
     return chars, ink
 
 
+def _images_sha256(images: Tensor) -> str:
+    """sha256 of the cached image tensor's bytes (with its shape)."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _resize(ink: np.ndarray, size: int) -> Tensor:
     """``(chars, drawings, H, W)`` bool ink -> ``(chars, drawings, size, size)`` uint8, ink = 255."""
     from PIL import Image
 
     n, d, h, w = ink.shape
     out = np.empty((n, d, size, size), dtype=np.uint8)
-    for i in range(n):
+    try:  # first-time preprocessing takes a while: a bar on a terminal (tqdm hides itself elsewhere)
+        from tqdm.auto import tqdm
+        rows: Any = tqdm(range(n), desc=f"Omniglot: resizing {n} characters to {size}px (once; cached)",
+                         disable=None, leave=False, file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        rows = range(n)
+    for i in rows:
         gray = ink[i].astype(np.uint8) * 255  # (drawings, H, W)
         for j in range(d):
             img = Image.fromarray(gray[j])  # uint8 2-D: mode "L"
@@ -290,12 +311,13 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
         raise FileNotFoundError(
             f"Omniglot data not found in {root} (source={requested!r}): looked for "
             f"images_background.npz + images_evaluation.npz (the NumPy copy, with index.json) and "
-            f"images_background.zip + images_evaluation.zip (the official zips). Pass root= the "
-            f"folder that holds them (config key task.root), set "
-            f"$METAOPT_OMNIGLOT to it, or use download=True to fetch the official zips from {URL}"
+            f"images_background.zip + images_evaluation.zip (the official zips). Set task.root (root=) "
+            f"to the folder that holds them or $METAOPT_OMNIGLOT to it, or fetch the official zips from "
+            f"{URL} with task.download=true (download=True)"
         )
     digests = (_npz_source if source == "npz" else _zip_source)(root, verify, checksums)
-    key_text = json.dumps({"format": 1, "source": source, "digests": digests,
+    # format 2: the cache carries the sha256 of its images (format-1 files are rebuilt once).
+    key_text = json.dumps({"format": 2, "source": source, "digests": digests,
                            "size": image_size, "resize": RESIZE_METHOD}, sort_keys=True)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     cache = cache_dir / "omniglot" / f"omniglot-{source}-{image_size}px-{key}.pt"
@@ -306,13 +328,18 @@ def _load_images(root: Path, source: str, image_size: int, cache_dir: Path, veri
             names = [tuple(n) for n in obj["names"]]
             images = obj["images"]
             if obj.get("key") == key_text and images.dtype == torch.uint8 and len(names) == images.shape[0]:
-                info["cache_hit"] = True
-                return names, images, info  # type: ignore[return-value]
+                # torch.load checks the file's structure, not its data: a zeroed or flipped
+                # image would train at chance silently, so the images carry their sha256.
+                if obj.get("sha256") == _images_sha256(images):
+                    info["cache_hit"] = True
+                    return names, images, info  # type: ignore[return-value]
+                print(f"metaopt: the Omniglot cache {cache} fails its checksum (corrupt); rebuilding it",
+                      file=sys.stderr)
         except (RuntimeError, EOFError, KeyError, ValueError, TypeError, OSError, pickle.UnpicklingError):
             pass  # unreadable or stale cache: rebuild it below and replace the file
     names, ink = (_read_npz if source == "npz" else _read_zips)(root)
     images = _resize(ink, image_size)
-    obj = {"key": key_text, "names": [list(n) for n in names], "images": images}
+    obj = {"key": key_text, "names": [list(n) for n in names], "images": images, "sha256": _images_sha256(images)}
     try:
         atomic_write(cache, lambda f: torch.save(obj, f))
     except OSError as e:
