@@ -34,7 +34,7 @@ from metaopt.train import RESUMABLE_KEYS, Trainer, evaluate_run, make_resumed_tr
 #: Keys that do not change what a run computes (where it runs, where the data is read from,
 #: what it draws and how often it saves); a finished run is reused across them. Every other
 #: key is part of a run's identity.
-COSMETIC_KEYS = frozenset({"train.device", "train.progress", "train.tensorboard", "train.plots",
+COSMETIC_KEYS = frozenset({"train.device", "train.threads", "train.progress", "train.tensorboard", "train.plots",
                            "train.checkpoint_every", "task.root"})
 
 
