@@ -62,6 +62,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaopt.models import BatchNorm
+from metaopt.precision import full_precision, loss_input
+from metaopt.remat import check_checkpoint_every, checkpointed_unroll
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.types import Buffers, Params
 
@@ -195,6 +197,9 @@ class MAML(nn.Module):
         batch_stats: normalisation layers use batch statistics in every call (default,
             MAML's transductive setting); ``False`` runs the model in its own mode.
         chunk_size: with vmap, map this many tasks at a time (bounds memory); ``None``: all.
+        checkpoint_every: second order: recompute the inner loop in the meta-backward in
+            checkpointed segments of this many steps (memory sublinear in the inner steps,
+            same meta-gradient; :mod:`metaopt.remat`); per-task loop only. ``None``: off.
 
     Raises:
         TypeError / ValueError: for a model that is not an ``nn.Module``, an inner optimizer
@@ -219,6 +224,7 @@ class MAML(nn.Module):
         vectorize: Vectorize = "auto",
         batch_stats: bool = True,
         chunk_size: int | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -258,6 +264,11 @@ class MAML(nn.Module):
         self.vectorize = vectorize
         self.batch_stats = bool(batch_stats)
         self.chunk_size = chunk_size
+        check_checkpoint_every(checkpoint_every)
+        if checkpoint_every is not None and vectorize is True:
+            raise ValueError("checkpoint_every needs the per-task loop (vectorize=False or 'auto') but "
+                             "vectorize is: True")
+        self.checkpoint_every = checkpoint_every
         self.inner_hparams = nn.ParameterDict()
         if not isinstance(inner_optimizer, nn.Module):
             found: dict[str, nn.Parameter] = {}
@@ -314,7 +325,8 @@ class MAML(nn.Module):
 
     def _loss(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, fixed, buffers, x)
-        loss = self.loss_fn(out, y)
+        with full_precision(out.device.type):  # under autocast: 16-bit forward, float32 loss
+            loss = self.loss_fn(loss_input(out), y)
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor but returned {type(loss).__name__}")
         if loss.dim() != 0:
@@ -363,12 +375,21 @@ class MAML(nn.Module):
             )
         return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
 
+    def _inner_grads(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        loss, _ = self._loss(params, fixed, buffers, x, y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        return self._fill_unused(params, grads)
+
     def _adapt_one(
         self, params0: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor, steps: int, mode: str
     ) -> Params:
         opt = self.inner_optimizer
         params = params0 if mode != "none" else {k: p.detach() for k, p in params0.items()}
         state = opt.init(params)
+        if mode == "second" and self.checkpoint_every:  # metaopt.remat: recompute in the backward
+            step = lambda p, s: opt.step(p, self._inner_grads(p, fixed, buffers, x, y), s)  # noqa: E731
+            extras = [p for p in self.parameters() if all(p is not q for q in params.values())]  # hparams
+            return checkpointed_unroll(step, params, state, steps, self.checkpoint_every, extras)[0]
         for _ in range(steps):
             if mode == "second":
                 loss, _ = self._loss(params, fixed, buffers, x, y)
@@ -412,7 +433,7 @@ class MAML(nn.Module):
         params0, fixed = self._split_params()
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
-        with self._norm_mode():
+        with self._norm_mode(), full_precision(x.device.type):  # inner loop in float32 (metaopt.precision)
             params = self._adapt_one(params0, fixed, buffers, x, y, n, self._mode(train))
         _check_versions(params0, versions)
         return {**fixed, **params}
@@ -496,6 +517,8 @@ class MAML(nn.Module):
         )
 
     def _use_vmap(self, device: torch.device) -> bool:
+        if self.checkpoint_every is not None and self.vectorize == "auto":
+            return False
         if self.vectorize == "auto":
             return default_vectorize(self.model, device)
         return bool(self.vectorize)
@@ -509,7 +532,8 @@ class MAML(nn.Module):
         scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
-            params = self._adapt_one(params0, fixed, buffers, xs[i], ys[i], n, mode)
+            with full_precision(xs.device.type):  # the inner loop in float32 (metaopt.precision)
+                params = self._adapt_one(params0, fixed, buffers, xs[i], ys[i], n, mode)
             with grad_ctx():
                 loss, out = self._loss(params, fixed, buffers, xq[i], yq[i])
             if backward:  # free this task's graph now; .grad accumulates the mean's gradient
@@ -558,10 +582,11 @@ class MAML(nn.Module):
             # this task's data, and only the updated params carry a task dimension.
             params = params0
             state = opt.init(params)
-            for _ in range(n):
-                at = params if mode == "second" else {k: p.detach() for k, p in params.items()}
-                grads = grad_fn(at, bufs, xs_i, ys_i)
-                params, state = opt.step(params, grads, state)
+            with full_precision(xs_i.device.type):  # the inner loop in float32 (metaopt.precision)
+                for _ in range(n):
+                    at = params if mode == "second" else {k: p.detach() for k, p in params.items()}
+                    grads = grad_fn(at, bufs, xs_i, ys_i)
+                    params, state = opt.step(params, grads, state)
             loss, out = self._loss(params, fixed, bufs, xq_i, yq_i)
             res = {"loss": loss}
             with torch.no_grad():
