@@ -48,8 +48,9 @@ __all__ = ["add_arguments", "run", "main", "DEFAULT_ITERATIONS"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``metaopt bench``'s options to ``parser`` (used by the CLI and experiments/bench.py)."""
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
-                        metavar="ID", help=f"workloads to run (default: all of {', '.join(WORKLOADS)})")
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS),
+                        metavar="ID", help=f"workloads of the speed table (default: all of {', '.join(WORKLOADS)}; "
+                                           "none: only the curves / remat table)")
     parser.add_argument("--inner", nargs="+", default=list(INNERS), choices=list(INNERS),
                         help="inner optimizers (default: sgd adafactor)")
     parser.add_argument("--order", nargs="+", default=list(ORDERS), choices=list(ORDERS),
@@ -128,7 +129,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    res = collect(plan, log)
+    res: dict = {}
+    try:
+        collect(plan, log, res)
+    except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: report what was measured
+        if "meta" not in res:
+            raise
+        res["meta"]["interrupted"] = True
+        log("interrupted: reporting the parts measured so far")
     res["targets"] = targets(res, plan.targets)
     md = to_markdown(res)
     print(md)

@@ -50,11 +50,11 @@ def _peak_tflops(plan: Plan) -> tuple[float | None, str]:
 
 
 def _speed(plan: Plan, impls: list[Any], peers: list[dict[str, Any]], failed: set[str], peak: float | None,
-           log: Log) -> list[dict[str, Any]]:
+           log: Log, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from metaopt.bench.measure import MetaIteration, build_iteration, count_flops, summarize, time_interleaved
     from metaopt.bench.workloads import make_batch, make_model
 
-    device, out, flops_of = plan.device, [], {}
+    device, flops_of = plan.device, {}
     for case in plan.cases:
         w = case.workload
         iterations = plan.iterations[w.id]
@@ -135,9 +135,12 @@ def _fidelity(plan: Plan, log: Log) -> list[dict[str, Any]]:
     return rows
 
 
-def collect(plan: Plan, log: Log = lambda s: None) -> dict[str, Any]:
+def collect(plan: Plan, log: Log = lambda s: None, res: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``plan``; return the result dict (``meta``, ``peers``, ``check``, ``cases``,
-    and when planned ``memory_report``, ``state_sizes``, ``fidelity``, ``curves``, ``remat``)."""
+    and when planned ``memory_report``, ``state_sizes``, ``fidelity``, ``curves``, ``remat``).
+
+    ``res``: a dict to fill in place (and return), so that a caller interrupted half way
+    (Ctrl-C, ``timeout --signal=INT``) can still report the parts already measured."""
     from metaopt.bench.check import check_meta_gradients
 
     t_start = time.time()
@@ -149,7 +152,7 @@ def collect(plan: Plan, log: Log = lambda s: None) -> dict[str, Any]:
         peers.append({"key": i.key, "name": i.name, "reason": reason, "note": i.note, "is_metaopt": i.is_metaopt})
         log(f"{i.name}: {'available' if reason is None else reason}")
     check = None
-    if plan.check:
+    if plan.check and plan.cases:
         log("checking meta-gradients against the plain loop (float64, tiny S1/O1)")
         inners = tuple(dict.fromkeys(c.inner for c in plan.cases))
         orders = tuple(dict.fromkeys(c.order for c in plan.cases))
@@ -160,7 +163,8 @@ def collect(plan: Plan, log: Log = lambda s: None) -> dict[str, Any]:
                   else "torch.cuda.max_memory_allocated in a fresh process per case",
                   "inline": "measured inside the benchmark process (under-reports on CPU)",
                   "off": "not measured"}[plan.memory]
-    res: dict[str, Any] = {
+    res = {} if res is None else res
+    res.update({
         "meta": {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "device_name": _device_name(device), "threads": torch.get_num_threads(),
@@ -171,8 +175,8 @@ def collect(plan: Plan, log: Log = lambda s: None) -> dict[str, Any]:
             "targets_source": plan.targets_source, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
         "peers": peers, "check": check, "cases": [],
-    }
-    res["cases"] = _speed(plan, impls, peers, failed, peak, log)
+    })
+    _speed(plan, impls, peers, failed, peak, log, res["cases"])
     if plan.memory != "off":
         _memory(plan, res["cases"], log)
     if plan.memory_report:
@@ -188,17 +192,17 @@ def collect(plan: Plan, log: Log = lambda s: None) -> dict[str, Any]:
         from metaopt.bench.curves import cost_curves
 
         log(f"cost curves on {plan.curve_workload.describe()}")
-        res["curves"] = {"workload": plan.curve_workload.describe(), **cost_curves(
-            plan.curve_workload, plan.curves, plan.curve_impls, device, repeats=min(plan.repeats, 3),
-            warmup=plan.warmup, memory=plan.memory, seed=plan.seed, log=log)}
+        res["curves"] = {"workload": plan.curve_workload.describe()}
+        cost_curves(plan.curve_workload, plan.curves, plan.curve_impls, device, repeats=min(plan.repeats, 3),
+                    warmup=plan.warmup, memory=plan.memory, seed=plan.seed, log=log, out=res["curves"])
     if plan.remat_steps and plan.remat_workload is not None:
         from metaopt.bench.curves import remat_table
 
         log(f"rematerialisation table on {plan.remat_workload.describe()}")
-        res["remat"] = remat_table(plan.remat_workload, plan.remat_steps, device, plan.remat_every,
-                                   peers=[k for k in plan.curve_impls if not k.startswith("metaopt")],
-                                   repeats=min(plan.repeats, 3), warmup=plan.warmup, memory=plan.memory,
-                                   seed=plan.seed, log=log)
         res["meta"]["remat_workload"] = plan.remat_workload.describe()
+        res["remat"] = []
+        remat_table(plan.remat_workload, plan.remat_steps, device, plan.remat_every,
+                    peers=[k for k in plan.curve_impls if not k.startswith("metaopt")], repeats=min(plan.repeats, 3),
+                    warmup=plan.warmup, memory=plan.memory, seed=plan.seed, log=log, out=res["remat"])
     res["meta"]["seconds"] = round(time.time() - t_start, 1)
     return res

@@ -93,10 +93,13 @@ def measure_points(points: list[tuple[str, Case]], impl_keys: Sequence[str], dev
 
 
 def cost_curves(base: Workload, curves: dict[str, Sequence[Any]], impl_keys: Sequence[str], device: torch.device,
-                **kw: Any) -> dict[str, list[dict[str, Any]]]:
-    """``{curve: rows}`` for each requested curve (see :func:`measure_points`)."""
-    return {name: measure_points(curve_points(base, name, values), impl_keys, device, **kw)
-            for name, values in curves.items()}
+                out: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """``{curve: rows}`` for each requested curve (see :func:`measure_points`), filled into
+    ``out`` curve by curve."""
+    out = {} if out is None else out
+    for name, values in curves.items():
+        out[name] = measure_points(curve_points(base, name, values), impl_keys, device, **kw)
+    return out
 
 
 def default_every(steps: int) -> int:
@@ -105,10 +108,12 @@ def default_every(steps: int) -> int:
 
 
 def remat_table(base: Workload, steps: Sequence[int], device: torch.device, every: int | None = None,
-                peers: Sequence[str] = ("higher", "torchopt"), **kw: Any) -> list[dict[str, Any]]:
+                peers: Sequence[str] = ("higher", "torchopt"), out: list[dict[str, Any]] | None = None,
+                **kw: Any) -> list[dict[str, Any]]:
     """Second-order memory and time against inner steps: metaopt's plain unroll, metaopt
-    with ``checkpoint_every`` (``every``, default :func:`default_every`), and ``peers``."""
-    rows = []
+    with ``checkpoint_every`` (``every``, default :func:`default_every`), and ``peers``;
+    rows appended to ``out`` step count by step count."""
+    rows = [] if out is None else out
     for n in steps:
         w = replace(base, inner_steps=n)
         k = every or default_every(n)

@@ -206,6 +206,8 @@ def targets(res: dict[str, Any], spec: list[dict[str, Any]]) -> list[dict[str, A
 def to_markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     L: list[str] = ["# metaopt bench", ""]
+    if m.get("interrupted"):
+        L += ["**Interrupted**: the tables below hold only what was measured before the interruption.", ""]
     L.append(f"torch {m['torch']}, device `{m['device']}` ({m['device_name']}), {m['threads']} threads, "
              f"repeats {m['repeats']} (interleaved), warmup {m['warmup']}, {'tiny sizes, ' if m['tiny'] else ''}"
              f"precision {', '.join(m.get('precisions', ['fp32']))} (peers always float32), seed {m['seed']}. "
