@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaopt.models import BatchNorm
-from metaopt.precision import full_precision, loss_input
+from metaopt.precision import full_precision, loss_input, vmap_honours_autocast
 from metaopt.remat import check_checkpoint_every, checkpointed_unroll
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.types import Buffers, Params
@@ -517,6 +517,11 @@ class MAML(nn.Module):
         )
 
     def _use_vmap(self, device: torch.device) -> bool:
+        if not vmap_honours_autocast(device.type):  # metaopt.precision: vmap would compute in float32
+            if self.vectorize is True:
+                raise ValueError(f"vectorize=True under torch.autocast({device.type!r}): autocast has no effect "
+                                 "inside torch.func.vmap in this torch; use vectorize='auto' or False")
+            return False
         if self.checkpoint_every is not None and self.vectorize == "auto":
             return False
         if self.vectorize == "auto":

@@ -22,6 +22,13 @@ under an active autocast, the engine (:class:`metaopt.MAML`) runs
 - the inner optimizer's ``step`` with autocast off (:func:`full_precision`), on the
   float32 parameters and the float32 inner gradients that autograd returns for them.
 
+vmap: in torch 2.13 (CPU) ``torch.autocast`` has no effect inside ``torch.func.vmap``
+(``F.linear`` and ``F.conv2d`` stay float32, even with autocast entered inside the mapped
+function).
+:func:`vmap_honours_autocast` probes this once per device type and dtype; under an autocast
+that vmap would ignore, ``MAML(vectorize="auto")`` takes the per-task loop and
+``vectorize=True`` raises, rather than silently computing in float32.
+
 Normalisation statistics: ``metaopt.models.BatchNorm`` calls ``F.batch_norm``, which
 accumulates its statistics in float32 for 16-bit inputs on CPU and CUDA.
 
@@ -53,7 +60,8 @@ from typing import ContextManager
 import torch
 from torch import Tensor
 
-__all__ = ["PRECISIONS", "precision_context", "autocast_dtype", "loss_input", "full_precision"]
+__all__ = ["PRECISIONS", "precision_context", "autocast_dtype", "loss_input", "full_precision",
+           "vmap_honours_autocast"]
 
 #: The precision names a config or ``metaopt bench --precision`` accepts.
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
@@ -134,7 +142,8 @@ def loss_input(out: Tensor) -> Tensor:
 
     Example:
         >>> import torch
-        >>> loss_input(torch.ones(2, dtype=torch.bfloat16)).dtype
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     loss_input(torch.ones(2, dtype=torch.bfloat16)).dtype
         torch.float32
         >>> loss_input(torch.ones(2, dtype=torch.float64)).dtype
         torch.float64
@@ -157,3 +166,31 @@ def full_precision(device_type: str) -> ContextManager[None]:
     if not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+_VMAP_AUTOCAST: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def vmap_honours_autocast(device_type: str) -> bool:
+    """Whether ``F.linear`` and ``F.conv2d`` inside ``torch.func.vmap`` run in the active
+    autocast dtype on ``device_type`` (probed once per device type and dtype on 1x1
+    inputs; ``True`` when autocast is off: there is nothing to honour).
+
+    Example:
+        >>> import torch
+        >>> vmap_honours_autocast("cpu")
+        True
+    """
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return True
+    key = (device_type, dtype)
+    if key not in _VMAP_AUTOCAST:
+        # linear and conv2d: the layers models are made of (a plain mm is honoured in torch
+        # 2.13 CPU while F.linear is not, so the probe uses the layers themselves).
+        x, w = torch.ones(1, 1, 1, 1, 1, device=device_type), torch.ones(1, 1, 1, 1, device=device_type)
+        with torch.no_grad():
+            lin = torch.func.vmap(lambda a: torch.nn.functional.linear(a, w[0, 0]))(x[:, 0, 0])
+            conv = torch.func.vmap(lambda a: torch.nn.functional.conv2d(a, w))(x)
+        _VMAP_AUTOCAST[key] = lin.dtype == dtype and conv.dtype == dtype
+    return _VMAP_AUTOCAST[key]

@@ -21,6 +21,9 @@ from metaopt.bench.report import to_markdown
 from metaopt.bench.workloads import WORKLOADS, FunctionalAdam, make_batch, tiny
 
 REPO = Path(__file__).resolve().parents[1]
+TARGETS = REPO / "experiments" / "bench_targets.yaml"
+O1_2X = {"kind": "speed_vs_peer", "name": "O1 (SGD, second order) tasks/s >= 2x the fastest peer (CPU)",
+         "workload": "O1", "min": 2.0}
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -34,7 +37,8 @@ def test_bench_smoke_prints_table_and_writes_outputs(tmp_path: Path, capsys: pyt
     monkeypatch.setitem(sys.modules, "higher", None)  # a peer that cannot be imported: reported, not skipped
     code = bench.run(_args("--tiny", "--workloads", "S1", "--inner", "sgd", "adafactor", "--order", "second",
                            "--repeats", "1", "--warmup", "0", "--memory", "inline", "--quiet",
-                           "--no-memory-report", "--output", str(tmp_path / "bench.md")))
+                           "--no-memory-report", "--output", str(tmp_path / "bench.md"),
+                           "--targets", str(TARGETS)))
     out = capsys.readouterr().out
     assert code == 0
     assert "### S1 · sgd inner · second order" in out and "### S1 · adafactor inner · second order" in out
@@ -139,13 +143,23 @@ def test_o1_target_reports_ours_and_the_peers_share_of_the_floor() -> None:
     case = {"workload": "O1", "inner": "sgd", "order": "second", "meta_batch": 32, "floor_tasks_s": 40.0,
             "rows": [row("metaopt-loop", "metaopt per-task loop", 10.0), row("higher", "higher", 8.0)]}
     res = {"meta": {"device": "cpu"}, "cases": [case]}
-    o1 = targets(res)[0]
+    o1 = targets(res, [O1_2X])[0]
     assert o1["status"] == "not met"
     assert o1["detail"] == ("metaopt per-task loop 10 tasks/s vs higher 8 tasks/s: 1.25x; arithmetic floor "
                             "40 tasks/s: ours at 25.0% of it, higher at 20.0%; 2x the fastest peer would be "
                             "40.0% of the floor")
     case["rows"][0].update(tasks_s=16.0, meta_it_s={"median": 0.5})
-    assert targets(res)[0]["status"] == "met"
+    assert targets(res, [O1_2X])[0]["status"] == "met"
+    # memory_max: ours over that peer's peak memory, both measured
+    spec = [{**O1_2X, "min": 0.95, "memory_max": 1.2}]
+    assert "memory not measured" in targets(res, spec)[0]["detail"]
+    case["rows"][0]["memory"], case["rows"][1]["memory"] = {"peak_bytes": 130 * 2**20}, {"peak_bytes": 100 * 2**20}
+    t = targets(res, spec)[0]
+    assert t["status"] == "not met" and t["detail"].endswith("peak memory 130.0 vs 100.0 MiB: 1.30x (<= 1.2x)")
+    case["rows"][0]["memory"] = {"peak_bytes": 110 * 2**20}
+    assert targets(res, spec)[0]["status"] == "met"
+    # device-specific targets are skipped elsewhere
+    assert targets(res, [{**O1_2X, "device": "cuda"}]) == []
 
 
 def test_memory_target_counts_resolvable_peaks_only() -> None:
@@ -157,12 +171,13 @@ def test_memory_target_counts_resolvable_peaks_only() -> None:
     res = {"meta": {"device": "cpu"}, "cases": [], "memory_report": [
         mem("S5", "metaopt-loop", "sgd", 16), mem("S5", "metaopt-loop", "adafactor", 4),  # page noise
         mem("O5", "metaopt-loop", "sgd", 1024 * 100), mem("O5", "metaopt-loop", "adafactor", 1024 * 110)]}
-    t = targets(res)[2]
+    spec = [{"kind": "adafactor_memory", "max": 1.3}]
+    t = targets(res, spec)[0]
     assert t["status"] == "met"
     assert t["detail"] == ("S5 metaopt-loop: below resolution (4 vs 16 KiB; not counted); "
                            "O5 metaopt-loop: 1.10x (110.0 vs 100.0 MiB)")
     res["memory_report"][3]["peak_bytes"] = 140 * 2**20
-    assert targets(res)[2]["status"] == "not met"
+    assert targets(res, spec)[0]["status"] == "not met"
 
 
 def test_measured_peak_is_positive_and_says_how() -> None:

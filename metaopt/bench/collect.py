@@ -77,6 +77,8 @@ def _speed(plan: Plan, impls: list[Any], peers: list[dict[str, Any]], failed: se
                 try:
                     its[impl.key] = MetaIteration(impl, case, model, batch, device)
                     row["status"] = "ok"
+                except NotImplementedError as e:  # a combination this implementation cannot run
+                    row.update(status="n/a", reason=str(e))
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     row.update(status="error", reason=f"error: {type(e).__name__}: {e}")
             rows.append(row)

@@ -93,6 +93,13 @@ class Metaopt(Impl):
                     first_order=case.first_order, loss_fn=w.loss_fn, vectorize=self.vectorize,
                     checkpoint_every=case.checkpoint_every)
         device = next(model.parameters()).device
+        if self.vectorize and case.precision in ("bf16", "fp16"):
+            from metaopt.precision import vmap_honours_autocast
+
+            with precision_context(case.precision, device):
+                if not vmap_honours_autocast(device.type):
+                    raise NotImplementedError("n/a (torch.autocast has no effect under torch.func.vmap in this "
+                                              "torch; metaopt takes the per-task loop)")
 
         def meta_backward(batch: TaskBatch) -> None:
             # The lean recipe: one task's graph alive at a time (peers do the same).
