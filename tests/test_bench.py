@@ -200,3 +200,64 @@ def test_unknown_implementation_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown implementation"):
         get_impls(["nope"])
     assert set(IMPLS) >= {"metaopt-vmap", "metaopt-loop", "higher", "torchopt", "learn2learn", "plain"}
+
+
+def test_plan_step_validates_and_expands_cases() -> None:
+    from metaopt.bench.plan import make_plan
+
+    plan = make_plan(_args("--tiny", "--workloads", "S1", "O1", "--inner", "sgd", "--order", "second",
+                           "--precision", "fp32", "bf16"))
+    assert [c.label for c in plan.cases] == ["S1 sgd second", "S1 sgd second bf16", "O1 sgd second",
+                                             "O1 sgd second bf16"]
+    assert plan.targets == [] and plan.remat_workload.meta_batch == 1
+    for argv, msg in ((["--curves", "steps", "--curve-steps", "0"], "--curve-steps values must be >= 1 but got: 0"),
+                      (["--curves", "model", "--curve-models", "vgg"], "unknown model 'vgg'"),
+                      (["--remat-steps", "-1"], "--remat-steps values must be >= 1 but got: -1"),
+                      (["--remat-every", "0"], "--remat-every must be >= 1 but is: 0"),
+                      (["--repeats", "0"], "--repeats must be >= 1 but is: 0")):
+        with pytest.raises(SystemExit, match=msg):
+            make_plan(_args(*argv))
+    with pytest.raises(SystemExit):  # argparse: not one of fp32, bf16, fp16, tf32
+        _args("--precision", "fp8")
+
+
+def test_targets_live_in_a_yaml_file_not_in_the_package(tmp_path: Path) -> None:
+    from metaopt.bench.report import load_targets
+
+    spec = load_targets(TARGETS)
+    kinds = {t["kind"] for t in spec}
+    assert {"speed_vs_peer", "fidelity", "remat", "adafactor_time", "adafactor_memory"} <= kinds
+    bad = tmp_path / "t.yaml"
+    bad.write_text("targets:\n  - kind: fastest\n")
+    with pytest.raises(ValueError, match="target kind should be one of .* but is: 'fastest'"):
+        load_targets(bad)
+    src = (REPO / "metaopt" / "bench" / "report.py").read_text()
+    assert "0.95" not in src and "1.2x" not in src  # thresholds come from the file
+
+
+def test_bench_precision_fidelity_curves_and_remat_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = bench.run(_args("--tiny", "--workloads", "O1", "--inner", "sgd", "--order", "second",
+                           "--precision", "fp32", "bf16", "--impls", "metaopt-loop", "metaopt-vmap", "plain",
+                           "--repeats", "1", "--warmup", "0", "--memory", "inline", "--quiet", "--no-memory-report",
+                           "--no-flops", "--fidelity", "--curves", "steps", "model", "--curve-steps", "1", "2",
+                           "--curve-models", "conv4", "--curve-impls", "metaopt-loop", "plain",
+                           "--remat-steps", "3", "--targets", str(TARGETS), "--output", str(tmp_path / "b")))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "### O1 · sgd inner · second order · metaopt in bf16" in out
+    res = json.loads((tmp_path / "b.json").read_text())
+    bf16 = next(c for c in res["cases"] if c["precision"] == "bf16")
+    rows = {r["impl"]: r for r in bf16["rows"]}
+    assert rows["metaopt-loop"]["status"] == "ok" and rows["metaopt-loop"]["precision"] == "bf16"
+    assert rows["plain"]["precision"] == "fp32"  # peers stay float32
+    assert rows["metaopt-vmap"]["status"] in ("ok", "n/a")  # n/a where vmap ignores autocast (torch 2.13 CPU)
+    pol = {r["policy"]: r for r in res["fidelity"]}
+    assert set(pol) == {"fp32", "autocast", "autocast-loss32", "engine", "engine-norm32"}
+    assert pol["engine"]["cosine"] > 0.99 and "## Meta-gradient fidelity" in out
+    assert [r["point"] for r in res["curves"]["steps"]] == ["1", "1", "2", "2"]
+    assert all(r["seconds"] > 0 for r in res["curves"]["steps"] + res["curves"]["model"])
+    remat = {r["row"]: r for r in res["remat"]}
+    assert set(remat) == {"metaopt plain unroll", "metaopt checkpointed", "plain PyTorch loop"} and remat["metaopt checkpointed"]["every"] == 2
+    assert "## Second-order memory against inner steps" in out and "### Against inner steps" in out
+    t = {x["target"]: x for x in res["targets"]}
+    assert t["O1 bf16 meta-gradient cosine to float64 >= 0.99"]["status"] == "met"
