@@ -16,7 +16,7 @@ def summarize(out: Path) -> str:
     steps = (out / "steps.txt").read_text().split("\n") if (out / "steps.txt").exists() else []
     L += ["| step | exit | seconds |", "|---|---:|---:|"]
     L += [f"| {s.split()[0]} | {s.split()[1]} | {s.split()[2]} |" for s in steps if s.strip()]
-    for name in ("bench", "curves", "remat"):
+    for name in ("bench", "bench_sinusoid", "curves", "remat"):
         path = out / f"{name}.json"
         if not path.exists():
             L += ["", f"{name}.json: missing (step failed or timed out; see suite.log)"]
