@@ -44,10 +44,11 @@ def curve_points(base: Workload, curve: str, values: Sequence[Any], inner: str =
 
 def measure_points(points: list[tuple[str, Case]], impl_keys: Sequence[str], device: torch.device, *,
                    repeats: int = 3, warmup: int = 1, memory: str = "subprocess", seed: int = 0,
-                   log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+                   log: Callable[[str], None] = lambda s: None,
+                   out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per (point, implementation): seconds per meta-iteration (median) and peak
-    memory, or the reason it did not run."""
-    rows = []
+    memory, or the reason it did not run; appended to ``out`` point by point."""
+    rows = [] if out is None else out
     for label, case in points:
         its: dict[str, MetaIteration] = {}
         point_rows: dict[str, dict[str, Any]] = {}
@@ -98,7 +99,8 @@ def cost_curves(base: Workload, curves: dict[str, Sequence[Any]], impl_keys: Seq
     ``out`` curve by curve."""
     out = {} if out is None else out
     for name, values in curves.items():
-        out[name] = measure_points(curve_points(base, name, values), impl_keys, device, **kw)
+        out[name] = []
+        measure_points(curve_points(base, name, values), impl_keys, device, out=out[name], **kw)
     return out
 
 

@@ -179,6 +179,9 @@ def _remat(res: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
     plain, remat = rows.get("metaopt plain unroll"), rows.get("metaopt checkpointed")
     if not plain or not remat or "peak_bytes" not in plain or "peak_bytes" not in remat or not plain.get("seconds"):
         return {"target": name, "status": "not measured", "detail": f"run with --remat-steps {steps}"}
+    if plain["peak_bytes"] < MIN_RESOLVABLE:
+        return {"target": name, "status": "not measured",
+                "detail": f"plain unroll's peak {plain['peak_bytes'] / KiB:.0f} KiB is below resolution"}
     m = remat["peak_bytes"] / plain["peak_bytes"]
     s = remat["seconds"] / plain["seconds"]
     ok = m <= float(t["memory_max"]) and s <= float(t["time_max"])
@@ -199,7 +202,11 @@ def targets(res: dict[str, Any], spec: list[dict[str, Any]]) -> list[dict[str, A
         dev = t.get("device")
         if dev and not res["meta"]["device"].startswith(dev):
             continue
-        out.append(_KINDS[t["kind"]](res, t))
+        try:
+            out.append(_KINDS[t["kind"]](res, t))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:  # a malformed target or result
+            out.append({"target": t.get("name") or t["kind"], "status": "not measured",
+                        "detail": f"cannot evaluate: {type(e).__name__}: {e}"})
     return out
 
 
