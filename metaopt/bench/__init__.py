@@ -1,6 +1,6 @@
 """``metaopt bench``: meta-iterations/s, tasks/s and peak memory of MAML meta-steps,
 metaopt (vectorised and per-task loop) against higher, torchopt, learn2learn and a
-hand-written plain-PyTorch loop, on the fixed workloads S1, S5, O1, O5 (DESIGN.md); with
+hand-written plain-PyTorch loop, on the fixed workloads S1, S5, O1, O5 (:mod:`metaopt.bench.workloads`); with
 ``--precision`` metaopt's rows also in bf16/fp16/tf32, ``--fidelity`` their meta-gradient
 against float64, ``--curves`` time and memory against inner steps / meta-batch / model, and
 ``--remat-steps`` second-order memory against inner steps with ``MAML(checkpoint_every=k)``.

@@ -1,4 +1,4 @@
-"""The fixed benchmark workloads (DESIGN.md, "Benchmark workloads"), their models, inner
+"""The fixed benchmark workloads (S1, S5, O1, O5: the table in :data:`WORKLOADS`), their models, inner
 optimizers and random, seeded meta-batches.
 
 A workload fixes the model, the task shapes, the meta-batch size, the number of inner steps
@@ -31,7 +31,7 @@ ORDERS = ("second", "first")
 
 @dataclass(frozen=True)
 class Workload:
-    """One row of DESIGN.md's workload table."""
+    """One row of the benchmark workload table (S1, S5, O1, O5)."""
 
     id: str
     kind: str  # "sinusoid" | "omniglot"
