@@ -1,7 +1,7 @@
 """Microbenchmark: cost of the inner optimizer in second-order MAML, Adafactor vs SGD.
 
 Times one meta-iteration (adapt every task, query losses, backward) of ``metaopt.MAML`` on
-the benchmark workloads of DESIGN.md with SGD and with Adafactor as the inner optimizer,
+the benchmark workloads (metaopt.bench.workloads) with SGD and with Adafactor as the inner optimizer,
 and prints time and memory ratios against SGD next to the targets (Adafactor at most 1.2x
 SGD's time and 1.3x its memory).
 

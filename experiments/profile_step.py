@@ -11,6 +11,7 @@ memory-bound batch norm / pooling / ReLU passes and fills over the 28x28 activat
     python experiments/profile_step.py --workload O1 --impl plain
     python experiments/profile_step.py --workload S5 --impl metaopt-vmap --inner adafactor
     python experiments/profile_step.py --workload O1 --impl metaopt-loop --order first --top 15
+    python experiments/profile_step.py --workload O1 --impl metaopt-loop --precision bf16
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     p.add_argument("--top", type=int, default=10, help="ops listed individually")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "tf32"],
+                   help="metaopt rows: metaopt.precision.precision_context (default: fp32)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
     for flag in ("iterations", "meta_batch", "threads", "top"):
@@ -100,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     w = tiny(WORKLOADS[args.workload]) if args.tiny else WORKLOADS[args.workload]
     if args.meta_batch is not None:
         w = replace(w, meta_batch=args.meta_batch)
-    case = Case(w, args.inner, args.order)
+    case = Case(w, args.inner, args.order, args.precision)
     why = why or impl.unsupported(case)
     if why:
         print(f"{impl.name} cannot run {case.label}: {why}", file=sys.stderr)

@@ -94,6 +94,8 @@ from torch.func import functional_call
 from metaopt._checks import check_loss_inputs, check_task_dim, in_transform, unused
 from metaopt._exact_ops import ModelInfo, engine_context, inspect_model, needs_exact_ops
 from metaopt.models import BatchNorm
+from metaopt.precision import full_precision, loss_input, vmap_honours_autocast
+from metaopt.remat import check_checkpoint_every, checkpointed_unroll
 from metaopt.tasks.base import TaskBatch, as_task_batch
 from metaopt.types import Buffers, Params
 
@@ -246,6 +248,9 @@ class MAML(nn.Module):
         batch_stats: normalisation layers use batch statistics in every call (default,
             MAML's transductive setting); ``False`` runs the model in its own mode.
         chunk_size: with vmap, map this many tasks at a time (bounds memory); ``None``: all.
+        checkpoint_every: second order: recompute the inner loop in the meta-backward in
+            checkpointed segments of this many steps (memory sublinear in the inner steps,
+            same meta-gradient; :mod:`metaopt.remat`); per-task loop only. ``None``: off.
 
     Raises:
         TypeError / ValueError: for a model that is not an ``nn.Module``, an inner optimizer
@@ -272,6 +277,7 @@ class MAML(nn.Module):
         vectorize: Vectorize = "auto",
         batch_stats: bool = True,
         chunk_size: int | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -307,6 +313,11 @@ class MAML(nn.Module):
         self.vectorize = vectorize
         self.batch_stats = bool(batch_stats)
         self.chunk_size = chunk_size
+        check_checkpoint_every(checkpoint_every)
+        if checkpoint_every is not None and vectorize is True:
+            raise ValueError("checkpoint_every needs the per-task loop (vectorize=False or 'auto') but "
+                             "vectorize is: True")
+        self.checkpoint_every = checkpoint_every
         self.inner_hparams = nn.ParameterDict()
         if not isinstance(inner_optimizer, nn.Module):
             found: dict[str, nn.Parameter] = {}
@@ -365,7 +376,8 @@ class MAML(nn.Module):
     def _loss(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = self._call(params, fixed, buffers, x)
         check_loss_inputs(self.loss_fn, out, y)
-        loss = self.loss_fn(out, y)
+        with full_precision(out.device.type):  # under autocast: 16-bit forward, float32 loss
+            loss = self.loss_fn(loss_input(out), y)
         if not isinstance(loss, Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor but returned {type(loss).__name__}")
         if loss.dim() != 0:
@@ -429,22 +441,31 @@ class MAML(nn.Module):
             )
         return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
 
+    def _inner_grads(self, params: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Support-loss gradient with its graph (second order), unused parameters filled."""
+        loss, _ = self._loss(params, fixed, buffers, x, y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        return self._fill_unused(params, grads)
+
     def _adapt_one(
         self, params0: Params, fixed: Params, buffers: Buffers, x: Tensor, y: Tensor, steps: int, mode: str
     ) -> Params:
         opt = self.inner_optimizer
         params = params0 if mode != "none" else {k: p.detach() for k, p in params0.items()}
         state = opt.init(params)
+        if mode == "second" and self.checkpoint_every:  # metaopt.remat: recompute in the backward
+            step = lambda p, s: opt.step(p, self._inner_grads(p, fixed, buffers, x, y), s)  # noqa: E731
+            extras = [p for p in self.parameters() if all(p is not q for q in params.values())]  # hparams
+            return checkpointed_unroll(step, params, state, steps, self.checkpoint_every, extras)[0]
         for _ in range(steps):
             if mode == "second":
-                loss, _ = self._loss(params, fixed, buffers, x, y)
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+                g = self._inner_grads(params, fixed, buffers, x, y)
             else:  # gradient at detached params: a constant for the outer graph
                 detached = {k: p.detach().requires_grad_() for k, p in params.items()}
                 with torch.enable_grad():
                     loss, _ = self._loss(detached, fixed, buffers, x, y)
                     grads = torch.autograd.grad(loss, list(detached.values()), allow_unused=True)
-            g = self._fill_unused(params, grads)
+                g = self._fill_unused(params, grads)
             if mode == "none":
                 with torch.no_grad():
                     params, state = opt.step(params, g, state)
@@ -479,7 +500,8 @@ class MAML(nn.Module):
         buffers = dict(self.model.named_buffers())
         versions = [p._version for p in params0.values()]
         mode = self._mode(train)
-        with self._norm_mode(), self._engine(mode != "none", vectorized=False):
+        # The inner loop in float32 under autocast (metaopt.precision).
+        with self._norm_mode(), self._engine(mode != "none", vectorized=False), full_precision(x.device.type):
             params = self._adapt_one(params0, fixed, buffers, x, y, n, mode)
         _check_versions(params0, versions)
         return {**fixed, **params}
@@ -569,6 +591,13 @@ class MAML(nn.Module):
 
     def _use_vmap(self, device: torch.device, info: ModelInfo | None = None) -> bool:
         info = info or self._info()
+        if not vmap_honours_autocast(device.type):  # metaopt.precision: vmap would compute in float32
+            if self.vectorize is True:
+                raise ValueError(f"vectorize=True under torch.autocast({device.type!r}): autocast has no effect "
+                                 "inside torch.func.vmap in this torch; use vectorize='auto' or False")
+            return False
+        if self.checkpoint_every is not None and self.vectorize == "auto":
+            return False
         if self.vectorize == "auto":
             return _vectorize_rule(info, device)
         if self.vectorize:
@@ -584,7 +613,8 @@ class MAML(nn.Module):
         scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
-            params = self._adapt_one(params0, fixed, buffers, xs[i], ys[i], n, mode)
+            with full_precision(xs.device.type):  # the inner loop in float32 (metaopt.precision)
+                params = self._adapt_one(params0, fixed, buffers, xs[i], ys[i], n, mode)
             with grad_ctx():
                 loss, out = self._loss(params, fixed, buffers, xq[i], yq[i])
             if backward:  # free this task's graph now; .grad accumulates the mean's gradient
@@ -646,10 +676,11 @@ class MAML(nn.Module):
             # this task's data, and only the updated params carry a task dimension.
             params = params0
             state = opt.init(params)
-            for _ in range(n):
-                at = params if mode == "second" else {k: p.detach() for k, p in params.items()}
-                grads = grad_fn(at, bufs, xs_i, ys_i)
-                params, state = opt.step(params, grads, state)
+            with full_precision(xs_i.device.type):  # the inner loop in float32 (metaopt.precision)
+                for _ in range(n):
+                    at = params if mode == "second" else {k: p.detach() for k, p in params.items()}
+                    grads = grad_fn(at, bufs, xs_i, ys_i)
+                    params, state = opt.step(params, grads, state)
             loss, out = self._loss(params, fixed, bufs, xq_i, yq_i)
             res = {"loss": loss}
             if classify:

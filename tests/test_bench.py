@@ -21,6 +21,9 @@ from metaopt.bench.report import to_markdown
 from metaopt.bench.workloads import WORKLOADS, FunctionalAdam, make_batch, tiny
 
 REPO = Path(__file__).resolve().parents[1]
+TARGETS = REPO / "experiments" / "bench_targets.yaml"
+O1_2X = {"kind": "speed_vs_peer", "name": "O1 (SGD, second order) tasks/s >= 2x the fastest peer (CPU)",
+         "workload": "O1", "min": 2.0}
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -34,7 +37,8 @@ def test_bench_smoke_prints_table_and_writes_outputs(tmp_path: Path, capsys: pyt
     monkeypatch.setitem(sys.modules, "higher", None)  # a peer that cannot be imported: reported, not skipped
     code = bench.run(_args("--tiny", "--workloads", "S1", "--inner", "sgd", "adafactor", "--order", "second",
                            "--repeats", "1", "--warmup", "0", "--memory", "inline", "--quiet",
-                           "--no-memory-report", "--output", str(tmp_path / "bench.md")))
+                           "--no-memory-report", "--output", str(tmp_path / "bench.md"),
+                           "--targets", str(TARGETS)))
     out = capsys.readouterr().out
     assert code == 0
     assert "### S1 · sgd inner · second order" in out and "### S1 · adafactor inner · second order" in out
@@ -139,13 +143,23 @@ def test_o1_target_reports_ours_and_the_peers_share_of_the_floor() -> None:
     case = {"workload": "O1", "inner": "sgd", "order": "second", "meta_batch": 32, "floor_tasks_s": 40.0,
             "rows": [row("metaopt-loop", "metaopt per-task loop", 10.0), row("higher", "higher", 8.0)]}
     res = {"meta": {"device": "cpu"}, "cases": [case]}
-    o1 = targets(res)[0]
+    o1 = targets(res, [O1_2X])[0]
     assert o1["status"] == "not met"
     assert o1["detail"] == ("metaopt per-task loop 10 tasks/s vs higher 8 tasks/s: 1.25x; arithmetic floor "
                             "40 tasks/s: ours at 25.0% of it, higher at 20.0%; 2x the fastest peer would be "
                             "40.0% of the floor")
     case["rows"][0].update(tasks_s=16.0, meta_it_s={"median": 0.5})
-    assert targets(res)[0]["status"] == "met"
+    assert targets(res, [O1_2X])[0]["status"] == "met"
+    # memory_max: ours over that peer's peak memory, both measured
+    spec = [{**O1_2X, "min": 0.95, "memory_max": 1.2}]
+    assert "memory not measured" in targets(res, spec)[0]["detail"]
+    case["rows"][0]["memory"], case["rows"][1]["memory"] = {"peak_bytes": 130 * 2**20}, {"peak_bytes": 100 * 2**20}
+    t = targets(res, spec)[0]
+    assert t["status"] == "not met" and t["detail"].endswith("peak memory 130.0 vs 100.0 MiB: 1.30x (<= 1.2x)")
+    case["rows"][0]["memory"] = {"peak_bytes": 110 * 2**20}
+    assert targets(res, spec)[0]["status"] == "met"
+    # device-specific targets are skipped elsewhere
+    assert targets(res, [{**O1_2X, "device": "cuda"}]) == []
 
 
 def test_memory_target_counts_resolvable_peaks_only() -> None:
@@ -157,12 +171,13 @@ def test_memory_target_counts_resolvable_peaks_only() -> None:
     res = {"meta": {"device": "cpu"}, "cases": [], "memory_report": [
         mem("S5", "metaopt-loop", "sgd", 16), mem("S5", "metaopt-loop", "adafactor", 4),  # page noise
         mem("O5", "metaopt-loop", "sgd", 1024 * 100), mem("O5", "metaopt-loop", "adafactor", 1024 * 110)]}
-    t = targets(res)[2]
+    spec = [{"kind": "adafactor_memory", "max": 1.3}]
+    t = targets(res, spec)[0]
     assert t["status"] == "met"
     assert t["detail"] == ("S5 metaopt-loop: below resolution (4 vs 16 KiB; not counted); "
                            "O5 metaopt-loop: 1.10x (110.0 vs 100.0 MiB)")
     res["memory_report"][3]["peak_bytes"] = 140 * 2**20
-    assert targets(res)[2]["status"] == "not met"
+    assert targets(res, spec)[0]["status"] == "not met"
 
 
 def test_measured_peak_is_positive_and_says_how() -> None:
@@ -185,3 +200,64 @@ def test_unknown_implementation_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown implementation"):
         get_impls(["nope"])
     assert set(IMPLS) >= {"metaopt-vmap", "metaopt-loop", "higher", "torchopt", "learn2learn", "plain"}
+
+
+def test_plan_step_validates_and_expands_cases() -> None:
+    from metaopt.bench.plan import make_plan
+
+    plan = make_plan(_args("--tiny", "--workloads", "S1", "O1", "--inner", "sgd", "--order", "second",
+                           "--precision", "fp32", "bf16"))
+    assert [c.label for c in plan.cases] == ["S1 sgd second", "S1 sgd second bf16", "O1 sgd second",
+                                             "O1 sgd second bf16"]
+    assert plan.targets == [] and plan.remat_workload.meta_batch == 1
+    for argv, msg in ((["--curves", "steps", "--curve-steps", "0"], "--curve-steps values must be >= 1 but got: 0"),
+                      (["--curves", "model", "--curve-models", "vgg"], "unknown model 'vgg'"),
+                      (["--remat-steps", "-1"], "--remat-steps values must be >= 1 but got: -1"),
+                      (["--remat-every", "0"], "--remat-every must be >= 1 but is: 0"),
+                      (["--repeats", "0"], "--repeats must be >= 1 but is: 0")):
+        with pytest.raises(SystemExit, match=msg):
+            make_plan(_args(*argv))
+    with pytest.raises(SystemExit):  # argparse: not one of fp32, bf16, fp16, tf32
+        _args("--precision", "fp8")
+
+
+def test_targets_live_in_a_yaml_file_not_in_the_package(tmp_path: Path) -> None:
+    from metaopt.bench.report import load_targets
+
+    spec = load_targets(TARGETS)
+    kinds = {t["kind"] for t in spec}
+    assert {"speed_vs_peer", "fidelity", "remat", "adafactor_time", "adafactor_memory"} <= kinds
+    bad = tmp_path / "t.yaml"
+    bad.write_text("targets:\n  - kind: fastest\n")
+    with pytest.raises(ValueError, match="target kind should be one of .* but is: 'fastest'"):
+        load_targets(bad)
+    src = (REPO / "metaopt" / "bench" / "report.py").read_text()
+    assert "0.95" not in src and "1.2x" not in src  # thresholds come from the file
+
+
+def test_bench_precision_fidelity_curves_and_remat_smoke(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = bench.run(_args("--tiny", "--workloads", "O1", "--inner", "sgd", "--order", "second",
+                           "--precision", "fp32", "bf16", "--impls", "metaopt-loop", "metaopt-vmap", "plain",
+                           "--repeats", "1", "--warmup", "0", "--memory", "inline", "--quiet", "--no-memory-report",
+                           "--no-flops", "--fidelity", "--curves", "steps", "model", "--curve-steps", "1", "2",
+                           "--curve-models", "conv4", "--curve-impls", "metaopt-loop", "plain",
+                           "--remat-steps", "3", "--targets", str(TARGETS), "--output", str(tmp_path / "b")))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "### O1 · sgd inner · second order · metaopt in bf16" in out
+    res = json.loads((tmp_path / "b.json").read_text())
+    bf16 = next(c for c in res["cases"] if c["precision"] == "bf16")
+    rows = {r["impl"]: r for r in bf16["rows"]}
+    assert rows["metaopt-loop"]["status"] == "ok" and rows["metaopt-loop"]["precision"] == "bf16"
+    assert rows["plain"]["precision"] == "fp32"  # peers stay float32
+    assert rows["metaopt-vmap"]["status"] in ("ok", "n/a")  # n/a where vmap ignores autocast (torch 2.13 CPU)
+    pol = {r["policy"]: r for r in res["fidelity"]}
+    assert set(pol) == {"fp32", "autocast", "autocast-loss32", "engine", "engine-norm32"}
+    assert pol["engine"]["cosine"] > 0.99 and "## Meta-gradient fidelity" in out
+    assert [r["point"] for r in res["curves"]["steps"]] == ["1", "1", "2", "2"]
+    assert all(r["seconds"] > 0 for r in res["curves"]["steps"] + res["curves"]["model"])
+    remat = {r["row"]: r for r in res["remat"]}
+    assert set(remat) == {"metaopt plain unroll", "metaopt checkpointed", "plain PyTorch loop"} and remat["metaopt checkpointed"]["every"] == 2
+    assert "## Second-order memory against inner steps" in out and "### Against inner steps" in out
+    t = {x["target"]: x for x in res["targets"]}
+    assert t["O1 bf16 meta-gradient cosine to float64 >= 0.99"]["status"] == "met"

@@ -1,6 +1,14 @@
 """``metaopt bench``: meta-iterations/s, tasks/s and peak memory of MAML meta-steps,
 metaopt (vectorised and per-task loop) against higher, torchopt, learn2learn and a
-hand-written plain-PyTorch loop, on the fixed workloads S1, S5, O1, O5 (DESIGN.md).
+hand-written plain-PyTorch loop, on the fixed workloads S1, S5, O1, O5 (:mod:`metaopt.bench.workloads`); with
+``--precision`` metaopt's rows also in bf16/fp16/tf32, ``--fidelity`` their meta-gradient
+against float64, ``--curves`` time and memory against inner steps / meta-batch / model, and
+``--remat-steps`` second-order memory against inner steps with ``MAML(checkpoint_every=k)``.
+
+Three steps: **plan** (:func:`metaopt.bench.plan.make_plan`: options -> what to measure),
+**measure** (:func:`metaopt.bench.collect.collect`: a JSON-ready result dict) and
+**report** (:mod:`metaopt.bench.report`: markdown, plots, and the targets of a YAML file
+given with ``--targets``, e.g. experiments/bench_targets.yaml; none are built in).
 
 Example:
     >>> import argparse, metaopt.bench
@@ -17,36 +25,32 @@ How it stays honest:
     - implementations are timed interleaved (A B C A B C ...), median over repeats;
     - peak memory is measured per case in a fresh process (:mod:`metaopt.bench.measure`);
     - a peer that cannot be imported, or has no differentiable Adafactor, is a row with
-      the reason, never left out silently.
+      the reason, never left out silently;
+    - metaopt's rows use the lean recipe ``meta_loss(batch, backward=True)`` (one task's
+      graph alive at a time), as the peers' per-task ``backward``; in a bf16/fp16/tf32
+      case only metaopt's rows change precision, the peers stay float32.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from metaopt.bench.impls import IMPLS, get_impls
-from metaopt.bench.workloads import INNERS, ORDERS, WORKLOADS, Case, make_batch, make_model, tiny
+from metaopt.bench.impls import IMPLS
+from metaopt.bench.plan import DEFAULT_ITERATIONS
+from metaopt.bench.workloads import INNERS, MODELS, ORDERS, WORKLOADS
+from metaopt.precision import PRECISIONS
 
 __all__ = ["add_arguments", "run", "main", "DEFAULT_ITERATIONS"]
-
-#: meta-iterations per timed repeat, per workload (about a second or more per repeat on CPU)
-DEFAULT_ITERATIONS = {"S1": 20, "S5": 10, "O1": 1, "O5": 1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``metaopt bench``'s options to ``parser`` (used by the CLI and experiments/bench.py)."""
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
-                        metavar="ID", help=f"workloads to run (default: all of {', '.join(WORKLOADS)})")
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS),
+                        metavar="ID", help=f"workloads of the speed table (default: all of {', '.join(WORKLOADS)}; "
+                                           "none: only the curves / remat table)")
     parser.add_argument("--inner", nargs="+", default=list(INNERS), choices=list(INNERS),
                         help="inner optimizers (default: sgd adafactor)")
     parser.add_argument("--order", nargs="+", default=list(ORDERS), choices=list(ORDERS),
@@ -81,160 +85,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None,
                         help="write PREFIX.md and PREFIX.json (a .md/.json suffix is dropped)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS),
+                        help="precisions of metaopt's rows (metaopt.precision.precision_context; peers stay "
+                             "float32 in every case) (default: fp32)")
+    parser.add_argument("--fidelity", action="store_true",
+                        help="meta-gradient fidelity of the bf16/fp16 precisions against float64, per policy "
+                             "(metaopt.bench.fidelity)")
+    parser.add_argument("--targets", default=None, metavar="YAML",
+                        help="acceptance targets to report (e.g. experiments/bench_targets.yaml; default: none)")
+    parser.add_argument("--curves", nargs="*", default=[], choices=["steps", "batch", "model"],
+                        help="cost curves: time and peak memory against inner steps / meta-batch / model")
+    parser.add_argument("--curve-workload", default="O1", choices=list(WORKLOADS), help="base of the curves")
+    parser.add_argument("--curve-steps", nargs="+", type=int, default=[1, 2, 5, 10], metavar="N")
+    parser.add_argument("--curve-batch", nargs="+", type=int, default=[1, 4, 16, 32], metavar="N")
+    parser.add_argument("--curve-models", nargs="+", default=["conv4", "resnet12"], metavar="NAME",
+                        help=f"models for --curves model (known: {', '.join(MODELS)})")
+    parser.add_argument("--curve-meta-batch", type=int, default=None,
+                        help="meta-batch of the steps/model curves (default: the workload's)")
+    parser.add_argument("--curve-impls", nargs="+", default=["metaopt-loop", "metaopt-vmap", "torchopt", "higher"],
+                        choices=list(IMPLS), help="rows of the curves (peers also go into --remat-steps)")
+    parser.add_argument("--remat-steps", nargs="*", type=int, default=[], metavar="N",
+                        help="second-order memory vs inner steps on O1's Conv4: plain unroll, "
+                             "MAML(checkpoint_every=k) and the peers (e.g. 5 20 50 100)")
+    parser.add_argument("--remat-every", type=int, default=None,
+                        help="segment length k for --remat-steps (default: round(sqrt(steps)))")
+    parser.add_argument("--remat-meta-batch", type=int, default=1, help="tasks per meta-iteration in --remat-steps")
+    parser.add_argument("--plots", action="store_true", help="with --output: PREFIX_curves.png etc. (matplotlib)")
     return parser
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def _peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float | None, str]:
-    """The arithmetic floor's peak and where it comes from: --peak-tflops, a known CUDA
-    device's datasheet figure, else measured (:func:`measure_peak_tflops`); none with
-    --no-flops (there is no floor without FLOPs)."""
-    if args.peak_tflops is not None:
-        return args.peak_tflops, "--peak-tflops"
-    if not args.flops:
-        return None, "not used (--no-flops)"
-    if device.type == "cuda":
-        from metaopt.bench.report import PEAK_TFLOPS
-
-        name = torch.cuda.get_device_name(device)
-        for key, v in PEAK_TFLOPS.items():
-            if key in name:
-                return v, f"FP32 datasheet peak of {key}"
-    from metaopt.bench.measure import measure_peak_tflops
-
-    return measure_peak_tflops(device)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args`` (see :func:`add_arguments`); print the
-    markdown report, optionally write it and the raw JSON. Returns the exit status
-    (0; 1 when an implementation's meta-gradient does not match the plain loop)."""
-    from metaopt.bench.check import check_meta_gradients
-    from metaopt.bench.measure import (build_iteration, count_flops, memory_in_subprocess, memory_inline,
-                                       summarize, time_interleaved)
-    from metaopt.bench.memreport import peak_memory_report, state_sizes
-    from metaopt.bench.report import targets, to_markdown
+    """Plan, measure and report the benchmark described by ``args`` (see
+    :func:`add_arguments`): print the markdown report, optionally write it, the raw JSON and
+    plots. Returns the exit status (0; 1 when an implementation's meta-gradient does not
+    match the plain loop)."""
+    import torch
 
-    for name in ("repeats", "memory_iterations"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1 but is: {getattr(args, name)}")
-    if args.warmup < 0 or (args.iterations is not None and args.iterations < 1):
-        raise SystemExit("--warmup must be >= 0 and --iterations >= 1")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available")
+    from metaopt.bench.collect import collect
+    from metaopt.bench.plan import make_plan
+    from metaopt.bench.report import plot, targets, to_markdown
+
+    plan = make_plan(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    t_start = time.time()
-
-    impls = get_impls(args.impls)
-    peers = []
-    for i in impls:
-        reason = i.unavailable()
-        peers.append({"key": i.key, "name": i.name, "reason": reason, "note": i.note, "is_metaopt": i.is_metaopt})
-        log(f"{i.name}: {'available' if reason is None else reason}")
-
-    check = None
-    if args.check:
-        log("checking meta-gradients against the plain loop (float64, tiny S1/O1)")
-        check = [asdict(c) for c in check_meta_gradients(impls, inners=tuple(args.inner), orders=tuple(args.order))]
-    failed = {(c["impl"]) for c in (check or []) if not c["ok"]}
-
-    workloads = [tiny(WORKLOADS[w]) if args.tiny else WORKLOADS[w] for w in args.workloads]
-    peak, peak_source = _peak_tflops(args, device)
-    mem_method = {"subprocess": "peak RSS (VmHWM) of a fresh process per case" if device.type == "cpu"
-                  else "torch.cuda.max_memory_allocated in a fresh process per case",
-                  "inline": "measured inside the benchmark process (under-reports on CPU)",
-                  "off": "not measured"}[args.memory]
-    res: dict[str, Any] = {
-        "meta": {
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "device_name": _device_name(device), "threads": torch.get_num_threads(),
-            "repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny, "seed": args.seed,
-            "memory": args.memory, "memory_method": mem_method, "memory_iterations": args.memory_iterations,
-            "peak_tflops": peak, "peak_source": peak_source, "workloads": [w.describe() for w in workloads],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
-        "peers": peers, "check": check, "cases": [],
-    }
-
-    for w in workloads:
-        iterations = args.iterations or (1 if args.tiny else DEFAULT_ITERATIONS[w.id])
-        for order in args.order:
-            flops = None
-            if args.flops:
-                flops = count_flops(build_iteration(IMPLS["plain"](), Case(w, "sgd", order), device, args.seed))
-            for inner in args.inner:
-                case = Case(w, inner, order)
-                log(f"{case.label}: {iterations} meta-iteration(s) x {args.repeats} repeats")
-                rows, its = [], {}
-                model = make_model(w, seed=args.seed, device=device)
-                batch = make_batch(w, seed=args.seed, device=device)
-                for impl, p in zip(impls, peers):
-                    row = {"impl": impl.key, "name": impl.name, "is_metaopt": impl.is_metaopt, "note": impl.note,
-                           "check_failed": impl.key in failed}
-                    reason = p["reason"] or impl.unsupported(case)
-                    if reason:
-                        row.update(status="n/a" if p["reason"] is None else "unavailable", reason=reason)
-                    else:
-                        try:
-                            from metaopt.bench.measure import MetaIteration
-
-                            its[impl.key] = MetaIteration(impl, case, model, batch, device)
-                            row["status"] = "ok"
-                        except Exception as e:  # noqa: BLE001 - reported in the table
-                            row.update(status="error", reason=f"error: {type(e).__name__}: {e}")
-                    rows.append(row)
-                try:
-                    times = time_interleaved(its, args.repeats, args.warmup, iterations, log)
-                except Exception as e:  # noqa: BLE001
-                    times = {}
-                    for row in rows:
-                        if row["status"] == "ok":
-                            row.update(status="error", reason=f"error while timing: {type(e).__name__}: {e}")
-                del its
-                for row in rows:
-                    if row["status"] == "ok" and row["impl"] in times:
-                        row["seconds"] = times[row["impl"]]
-                        row["meta_it_s"] = summarize(times[row["impl"]])
-                        row["tasks_s"] = row["meta_it_s"]["median"] * w.meta_batch
-                entry = {"workload": w.id, "inner": inner, "order": order, "meta_batch": w.meta_batch,
-                         "iterations": iterations, "flops": flops, "rows": rows}
-                if flops and peak:
-                    entry["floor_tasks_s"] = w.meta_batch / (flops / (peak * 1e12))
-                res["cases"].append(entry)
-
-    if args.memory != "off":
-        for c in res["cases"]:
-            w = next(x for x in workloads if x.id == c["workload"])
-            case = Case(w, c["inner"], c["order"])
-            for row in c["rows"]:
-                if row["status"] != "ok":
-                    continue
-                log(f"memory: {case.label} {row['impl']}")
-                try:
-                    if args.memory == "inline":
-                        row["memory"] = memory_inline(IMPLS[row["impl"]](), case, device, args.memory_iterations,
-                                                      args.seed)
-                    else:
-                        row["memory"] = memory_in_subprocess(row["impl"], case, device, args.memory_iterations,
-                                                             args.seed, torch.get_num_threads())
-                except Exception as e:  # noqa: BLE001
-                    row["memory"] = {"error": f"{type(e).__name__}: {e}"}
-
-    if args.memory_report:
-        res["state_sizes"] = state_sizes()
-        if args.memory != "off":
-            res["memory_report"] = peak_memory_report(str(device), args.memory, args.tiny, torch.get_num_threads(),
-                                                      log=log)
-    res["targets"] = targets(res)
-    res["meta"]["seconds"] = round(time.time() - t_start, 1)
+    res: dict = {}
+    try:
+        collect(plan, log, res)
+    except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: report what was measured
+        if "meta" not in res:
+            raise
+        res["meta"]["interrupted"] = True
+        log("interrupted: reporting the parts measured so far")
+    res["targets"] = targets(res, plan.targets)
     md = to_markdown(res)
     print(md)
     if args.output:
@@ -245,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
         prefix.with_suffix(".md").write_text(md)
         prefix.with_suffix(".json").write_text(json.dumps(res, indent=1))
         log(f"wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.json')}")
+        if args.plots:
+            for path in plot(res, prefix):
+                log(f"wrote {path}")
+    failed = {c["impl"] for c in (res["check"] or []) if not c["ok"]}
     return 1 if failed else 0
 
 

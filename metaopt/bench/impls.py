@@ -80,18 +80,32 @@ class Metaopt(Impl):
         return None
 
     def unsupported(self, case: Case) -> str | None:
+        if case.checkpoint_every and self.vectorize:
+            return "n/a (checkpoint_every: per-task loop only)"
         return None
 
     def build(self, model: nn.Module, case: Case) -> MetaBackward:
         from metaopt.maml import MAML
+        from metaopt.precision import precision_context
 
         w = case.workload
         maml = MAML(model, make_inner(case.inner, w.inner_lr), inner_steps=w.inner_steps,
-                    first_order=case.first_order, loss_fn=w.loss_fn, vectorize=self.vectorize)
+                    first_order=case.first_order, loss_fn=w.loss_fn, vectorize=self.vectorize,
+                    checkpoint_every=case.checkpoint_every)
+        device = next(model.parameters()).device
+        if self.vectorize and case.precision in ("bf16", "fp16"):
+            from metaopt.precision import vmap_honours_autocast
+
+            with precision_context(case.precision, device):
+                if not vmap_honours_autocast(device.type):
+                    raise NotImplementedError("n/a (torch.autocast has no effect under torch.func.vmap in this "
+                                              "torch; metaopt takes the per-task loop)")
 
         def meta_backward(batch: TaskBatch) -> None:
+            # The lean recipe: one task's graph alive at a time (peers do the same).
             # before=False: no extra forward at the meta-parameters (peers don't do one).
-            maml.meta_loss(batch, before=False, backward=True)
+            with precision_context(case.precision, device):
+                maml.meta_loss(batch, before=False, backward=True)
 
         return meta_backward
 

@@ -312,6 +312,7 @@ def memory_in_subprocess(impl_key: str, case: Case, device: str | torch.device, 
     """Peak memory of ``iterations`` meta-iterations in a fresh Python process."""
     spec = {
         "impl": impl_key, "workload": asdict(case.workload), "inner": case.inner, "order": case.order,
+        "precision": case.precision, "checkpoint_every": case.checkpoint_every,
         "device": str(device), "iterations": iterations, "seed": seed,
         "threads": threads or torch.get_num_threads(),
     }
@@ -333,7 +334,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec["threads"]))
     w = Workload(**spec["workload"])
-    case = Case(w, spec["inner"], spec["order"])
+    case = Case(w, spec["inner"], spec["order"], spec.get("precision", "fp32"), spec.get("checkpoint_every"))
     impl = IMPLS[spec["impl"]]()
     reason = impl.unavailable() or impl.unsupported(case)
     if reason:

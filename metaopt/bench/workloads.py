@@ -1,4 +1,4 @@
-"""The fixed benchmark workloads (DESIGN.md, "Benchmark workloads"), their models, inner
+"""The fixed benchmark workloads (S1, S5, O1, O5: the table in :data:`WORKLOADS`), their models, inner
 optimizers and random, seeded meta-batches.
 
 A workload fixes the model, the task shapes, the meta-batch size, the number of inner steps
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from metaopt.tasks.base import TaskBatch
 
 __all__ = [
-    "Workload", "WORKLOADS", "INNERS", "ORDERS", "Case", "FunctionalAdam", "AdamState",
+    "Workload", "WORKLOADS", "INNERS", "ORDERS", "MODELS", "Case", "FunctionalAdam", "AdamState",
     "make_model", "make_batch", "make_inner", "tiny",
 ]
 
@@ -31,7 +31,7 @@ ORDERS = ("second", "first")
 
 @dataclass(frozen=True)
 class Workload:
-    """One row of DESIGN.md's workload table."""
+    """One row of the benchmark workload table (S1, S5, O1, O5)."""
 
     id: str
     kind: str  # "sinusoid" | "omniglot"
@@ -42,6 +42,11 @@ class Workload:
     shots: int = 10  # sinusoid: support points; omniglot: examples per class
     queries: int = 10  # sinusoid: query points; omniglot: query examples per class
     hidden: int = 64  # Conv4 filters (the paper's 64)
+    model: str = ""  # a key of MODELS; "" = the kind's model (MLP for sinusoid, Conv4 for omniglot)
+
+    @property
+    def model_name(self) -> str:
+        return self.model or ("mlp" if self.kind == "sinusoid" else "conv4")
 
     @property
     def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
@@ -53,7 +58,8 @@ class Workload:
             model = "MLP 1-40-40-1"
         else:
             data = f"{self.ways}-way {self.shots}-shot, {self.queries} query/class, 28x28"
-            model = f"Conv4({self.hidden}) {self.ways}-way"
+            model = f"Conv4({self.hidden}) {self.ways}-way" if self.model_name == "conv4" else \
+                f"{self.model_name} {self.ways}-way"
         return (f"{self.id}: {model}, {data}, meta-batch {self.meta_batch}, "
                 f"{self.inner_steps} inner step(s), lr {self.inner_lr}")
 
@@ -78,6 +84,8 @@ class Case(NamedTuple):
     workload: Workload
     inner: str  # "sgd" | "adafactor" (+ "adafactor_full" | "adam" in the memory report)
     order: str  # "second" | "first"
+    precision: str = "fp32"  # metaopt rows run under metaopt.precision.precision_context; peers in fp32
+    checkpoint_every: int | None = None  # metaopt rows: MAML(checkpoint_every=...) (metaopt.remat)
 
     @property
     def first_order(self) -> bool:
@@ -85,18 +93,38 @@ class Case(NamedTuple):
 
     @property
     def label(self) -> str:
-        return f"{self.workload.id} {self.inner} {self.order}"
+        extra = "" if self.precision == "fp32" else f" {self.precision}"
+        if self.checkpoint_every:
+            extra += f" remat/{self.checkpoint_every}"
+        return f"{self.workload.id} {self.inner} {self.order}{extra}"
+
+
+def _resnet12(w: Workload) -> nn.Module:
+    import metaopt.models
+
+    if not hasattr(metaopt.models, "ResNet12"):
+        raise ValueError("metaopt.models.ResNet12 is not available in this version of metaopt")
+    return metaopt.models.ResNet12(w.ways, in_channels=1)
+
+
+#: Models a workload can name (``Workload.model``), built from the workload's sizes. Add an
+#: entry to benchmark another model on the same tasks (cost curves: ``--curve-models``).
+MODELS: dict[str, Callable[[Workload], nn.Module]] = {
+    "mlp": lambda w: __import__("metaopt.models", fromlist=["MLP"]).MLP(1, (40, 40), 1),
+    "conv4": lambda w: __import__("metaopt.models", fromlist=["Conv4"]).Conv4(w.ways, hidden=w.hidden),
+    "resnet12": _resnet12,
+}
 
 
 def make_model(w: Workload, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> nn.Module:
-    """The workload's model (``metaopt.models``), initialised from ``seed``."""
-    from metaopt.models import MLP, Conv4
-
+    """The workload's model (``MODELS[w.model_name]``), initialised from ``seed``."""
+    if w.model_name not in MODELS:
+        raise ValueError(f"unknown model {w.model_name!r}; known: {', '.join(MODELS)}")
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # nn.Module init draws from the global generator; restore it after
     try:
-        model = MLP(1, (40, 40), 1) if w.kind == "sinusoid" else Conv4(w.ways, hidden=w.hidden)
+        model = MODELS[w.model_name](w)
     finally:
         torch.random.set_rng_state(state)
     return model.to(device=device, dtype=dtype)
