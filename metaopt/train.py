@@ -54,6 +54,7 @@ from metaopt.loop import (
     LOCAL, Collective, CycledBatches, EvalResult, NonFiniteLossError, SampledBatches, StepStats, evaluate,
     meta_step,
 )
+from metaopt.precision import precision_context
 from metaopt.rundir import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunDirLocked, RunLogger, atomic_write, load_checkpoint,
     lock_run_dir, remove_stale_temporaries, save_checkpoint, write_json,
@@ -166,27 +167,6 @@ def _progress(batches: Iterable[Any], desc: str, total: int | None, enabled: boo
     if not enabled:
         return batches
     return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _tf32() -> Iterator[None]:
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def _precision_ctx(precision: str, device: torch.device) -> ContextManager[Any]:
-    """The arithmetic of ``train.precision`` around a meta-step or an evaluation: nothing
-    for fp32, ``torch.autocast`` to bfloat16/float16 for bf16/fp16, TF32 matmuls and
-    convolutions for tf32 on CUDA (a no-op elsewhere). The one call site to refine."""
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    if precision == "tf32" and device.type == "cuda":
-        return _tf32()
-    return contextlib.nullcontext()
 
 
 def _given(batches: Iterable[Any], n: int | None) -> Iterable[Any]:
@@ -322,7 +302,7 @@ class Trainer:
         return "accuracy" if self.classification else "mse"
 
     def _precision(self) -> ContextManager[Any]:
-        return _precision_ctx(self.cfg["train"]["precision"], self.device)
+        return precision_context(self.cfg["train"]["precision"], self.device)
 
     def _hparam_columns(self) -> list[str]:
         return [f"hp_{k}" for k in getattr(self.maml, "inner_hparams", {}).keys()]

@@ -195,9 +195,11 @@ def test_meta_learning_happens() -> None:
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
                                               ("fp16", torch.float16), ("tf32", torch.float32)])
-def test_precision_context(precision: str, dtype: torch.dtype) -> None:
+def test_train_precision_sets_the_arithmetic(precision: str, dtype: torch.dtype) -> None:
+    # train.precision reaches metaopt.precision.precision_context around steps and evaluations.
+    trainer = T.Trainer(None, overrides=TINY + [f"train.precision={precision}"], device="cpu")
     a = torch.ones(2, 2)
-    with T._precision_ctx(precision, torch.device("cpu")):
+    with trainer._precision():
         assert (a @ a).dtype == dtype
 
 
