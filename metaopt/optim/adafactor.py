@@ -30,7 +30,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import check_ge, check_hyper, check_inputs, is_number
+from metaopt.optim._util import cast_hyper, check_ge, check_hyper, check_inputs, check_lr, is_number
+from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, Params, Scalar
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -141,10 +142,10 @@ class Adafactor:
         grad_clip_norm: Optional[float] = None,
         grad_clip_value: Optional[float] = None,
     ) -> None:
-        check_hyper(lr, "lr")
-        check_ge(lr, 0.0, "Learning rate should be >= 0 but is: {}")
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element but has shape {tuple(lr.shape)}")
+        if isinstance(lr, dict):
+            raise ValueError("Adafactor's lr must be a float, a 1-element tensor or a schedule f(count) -> lr "
+                             "(per-parameter rates: use T.adafactor chains or SGD/Adam) but is a dict")
+        check_lr(lr, "Learning rate should be >= 0 but is: {}")
         check_ge(-beta2_decay, 0.0, f"beta2_decay should be <= 0 but is: {beta2_decay}")
         eps1, eps2 = _check_eps(eps)
         if eps1 is not None:
@@ -222,8 +223,9 @@ class Adafactor:
         if lr is None and not relative_step:
             raise ValueError("`relative_step=False` requires a learning rate `lr` but lr is: None")
         if lr is not None:
-            check_hyper(lr, "lr")
-            check_ge(lr, 0.0, "Learning rate should be >= 0 but is: {}")
+            if isinstance(lr, dict):
+                raise ValueError("Adafactor's lr must be a float, a 1-element tensor or a schedule but is a dict")
+            check_lr(lr, "Learning rate should be >= 0 but is: {}")
         eps1, eps2 = _check_eps(eps)
         if eps1 is None:
             raise ValueError("epsilon1 must be a float for the transformers flavour but is: None")
@@ -252,7 +254,7 @@ class Adafactor:
         ``rho_t = min(1e-2, 1/sqrt(t))``, parameter-scaled steps (``eps2 = 1e-3``),
         ``beta2_t = 1 - t^-0.8``, ``eps1 = 1e-30`` added to ``g^2``, update clipping at
         ``d = 1``. Equal to ``transformers``' Adafactor with its defaults.
-        Registry name: ``"adafactor_paper"``.
+        Also reachable by name: ``get("adafactor_transformers")`` with its defaults.
 
         Args:
             **extensions: ``maximize``, ``factored``, ``min_dim_size_to_factor``,
@@ -388,11 +390,11 @@ class Adafactor:
         t = (count + 1).to(dtype)
         w = torch.pow(t, self.beta2_decay)
         inv_sqrt_t = torch.rsqrt(t)
+        lr = self._lr_now(count, t)
         if self.flavour == "torch":
-            rho = _minimum(inv_sqrt_t, self.lr)
+            rho = _minimum(inv_sqrt_t, lr)
         elif not self.relative_step:
-            lr = self.lr
-            rho = lr.to(dtype) if isinstance(lr, Tensor) else torch.full_like(t, lr)
+            rho = lr if isinstance(lr, Tensor) else torch.full_like(t, lr)
         elif self.warmup_init:
             rho = torch.minimum(t * 1e-6, inv_sqrt_t)
         else:
@@ -475,7 +477,7 @@ class Adafactor:
                 p_scale = self._const(sqrt_n, norm_u)
             scale = scale * p_scale
             if self._use_wd:
-                decay = self._decay(p_scale, rho, sqrt_n)  # (P,) or scalar multiplier of p
+                decay = self._decay(p_scale, rho, sqrt_n, state.count)  # (P,) or scalar multiplier of p
             for i, (k, s) in enumerate(zip(keys, scale.unbind(0))):
                 p = p32[k]
                 if self._use_wd:
@@ -499,11 +501,17 @@ class Adafactor:
             out = cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
         return out
 
-    def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float]) -> Any:
+    def _lr_now(self, count: Tensor, like: Tensor) -> Any:
+        """``lr`` at this step (a schedule is called with the count), 0-d, in ``like``'s dtype."""
+        return lr_at(self.lr, "", count, like)
+
+    def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float], count: Tensor) -> Any:
         """Multiplier of ``p`` for weight decay: ``1 - lr wd`` (torch), ``1 - wd alpha_t`` (HF)."""
         wd = self.weight_decay
         if self.flavour == "torch":
-            return 1.0 - self.lr * wd
+            # lr and wd in the params' dtype (a float32 tensor lr with float64 params would
+            # otherwise round 1 - lr wd to float32); a (1,) lr is viewed 0-d.
+            return 1.0 - self._lr_now(count, p_scale) * cast_hyper(wd, p_scale)
         inv_sqrt_n = self._const([1.0 / s for s in sqrt_n], p_scale)
         alpha = p_scale * inv_sqrt_n * rho if self.scale_parameter else rho
         return 1.0 - wd * alpha
@@ -538,3 +546,6 @@ def _check_eps(eps: Any) -> tuple[Optional[float], float]:
         check_hyper(eps1, "eps[0]")
     check_hyper(eps2, "eps[1]")
     return eps1, eps2
+
+
+Adafactor.from_transformers.__func__.extension_kwargs = _EXTENSIONS  # for optim.get's check

@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import check_ge, check_hyper, check_inputs, is_number, per_param
+from metaopt.optim._util import check_ge, check_hyper, check_inputs, check_lr, cast_hyper, is_number
+from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, HyperParam, Params, Scalar
 
 
@@ -63,7 +64,7 @@ class SGD:
 
     def __init__(
         self,
-        lr: HyperParam,
+        lr: HyperParam = 1e-3,
         momentum: Scalar = 0.0,
         dampening: Scalar = 0.0,
         weight_decay: Scalar = 0.0,
@@ -71,16 +72,11 @@ class SGD:
         *,
         maximize: bool = False,
     ) -> None:
-        check_hyper(lr, "lr", allow_dict=True)
+        check_lr(lr)
         for name, v in (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
             check_hyper(v, name)
-        if isinstance(lr, dict):
-            for k, v in lr.items():
-                check_ge(v, 0.0, f"Learning rate should be >= 0 but is: {{}} (lr[{k!r}])")
-        else:
-            check_ge(lr, 0.0, "Learning rate should be >= 0 but is: {}")
-        check_ge(momentum, 0.0, "Momentum should be >= 0 but is: {}")
-        check_ge(weight_decay, 0.0, "weight_decay should be >= 0 but is: {}")
+        check_ge(momentum, 0.0, "Invalid momentum value: {}")
+        check_ge(weight_decay, 0.0, "Invalid weight_decay value: {}")
         if nesterov and (
             not is_number(momentum) or momentum <= 0 or not is_number(dampening) or dampening != 0
         ):
@@ -98,9 +94,10 @@ class SGD:
         self._use_momentum = not (is_number(momentum) and momentum == 0)
         self._use_wd = not (is_number(weight_decay) and weight_decay == 0)
         self._use_dampening = not (is_number(dampening) and dampening == 0)
+        self._scheduled = callable(lr) and not isinstance(lr, (Tensor, dict))
 
     def __repr__(self) -> str:
-        lr = "{per-param}" if isinstance(self.lr, dict) else self.lr
+        lr = "{per-param}" if isinstance(self.lr, dict) else "<schedule>" if self._scheduled else self.lr
         return (
             f"SGD(lr={lr}, momentum={self.momentum}, dampening={self.dampening}, "
             f"weight_decay={self.weight_decay}, nesterov={self.nesterov}, maximize={self.maximize})"
@@ -128,12 +125,13 @@ class SGD:
         # Coefficient of the grad in the momentum buffer: 1 at the first step (torch sets
         # buf = grad), 1 - dampening afterwards. One 0-dim tensor per dtype, computed once.
         grad_coef: dict[torch.dtype, Tensor] = {}
+        lr_value = self.lr(state.count) if self._scheduled else self.lr  # a schedule: once per step
         for k, p in params.items():
             g = grads[k]
             if self.maximize:
                 g = -g
             if self._use_wd:
-                wd = self.weight_decay  # same op order as torch (float32 parity)
+                wd = cast_hyper(self.weight_decay, p)  # same op order as torch (float32 parity)
                 g = torch.add(g, p, alpha=wd) if is_number(wd) else g + wd * p
             if self._use_momentum:
                 buf = state.momentum_buffer[k]
@@ -151,7 +149,7 @@ class SGD:
                     g = torch.add(g, buf, alpha=momentum) if is_number(momentum) else g + momentum * buf
                 else:
                     g = buf
-            lr = per_param(self.lr, k)
+            lr = lr_at(lr_value, k, None, p)  # 1-element tensors viewed 0-d, cast to p's dtype
             if is_number(lr):
                 new_params[k] = torch.add(p, g, alpha=-lr)
             else:

@@ -1,0 +1,64 @@
+"""From a chain of transforms to an inner optimizer: ``params + updates``.
+
+:class:`Chained` wraps any :class:`~metaopt.optim.transforms.GradientTransformation` in the
+engine's protocol (``init(params) -> state``, ``step(params, grads, state) -> (params,
+state)``); the presets (:class:`~metaopt.optim.Adam`, :class:`~metaopt.optim.RMSprop`, ...)
+are ``Chained`` subclasses whose constructors validate torch.optim's arguments and build the
+chain. Users can build their own::
+
+    opt = Chained(T.chain(T.clip_by_global_norm(1.0), T.scale_by_adam(), T.scale_by_learning_rate(1e-3)))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metaopt.optim._util import check_inputs
+from metaopt.optim.transforms import GradientTransformation
+from metaopt.types import Grads, Params
+
+__all__ = ["Chained"]
+
+
+class Chained:
+    """An inner optimizer from a transform: ``updates, state = tx.update(grads, state, params)``,
+    ``params = params + updates``.
+
+    Args:
+        transform: the update rule, ending with a learning-rate scaling (updates are added).
+
+    Example:
+        >>> import torch
+        >>> from metaopt.optim import transforms as T
+        >>> opt = Chained(T.chain(T.scale_by_sign(), T.scale_by_learning_rate(0.1)))  # signSGD
+        >>> p = {"w": torch.tensor([1.0, 1.0])}
+        >>> p, s = opt.step(p, {"w": torch.tensor([3.0, -0.5])}, opt.init(p))
+        >>> p["w"]
+        tensor([0.9000, 1.1000])
+    """
+
+    transform: GradientTransformation
+
+    def __init__(self, transform: GradientTransformation) -> None:
+        if not isinstance(transform, GradientTransformation):
+            raise TypeError(f"transform must be a GradientTransformation but is: {type(transform).__name__}")
+        self.transform = transform
+
+    def init(self, params: Params) -> Any:
+        """The chain's initial state (zeros; one step counter per stateful piece)."""
+        for k, p in params.items():
+            if not p.is_floating_point():
+                raise ValueError(f"params[{k!r}] must be a floating-point tensor but has dtype {p.dtype}")
+        return self.transform.init(params)
+
+    def step(self, params: Params, grads: Grads, state: Any) -> tuple[Params, Any]:
+        """One step, out of place: ``params + update(grads)``."""
+        check_inputs(params, grads)
+        updates, state = self.transform.update(dict(grads), state, params)
+        return {k: p + updates[k] for k, p in params.items()}, state
+
+    def __repr__(self) -> str:
+        args = getattr(self, "_repr_args", None)
+        if args is None:
+            return f"{type(self).__name__}({self.transform!r})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
