@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from metaopt.optim._util import cast_hyper, check_ge, check_hyper, check_inputs, check_lr, is_number
+from metaopt.optim import transforms as T
+from metaopt.optim.chain import Chained
 from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, Params, Scalar
 
@@ -324,6 +326,69 @@ class Adafactor:
                 args += f", {name}={value}"
         return f"Adafactor({args})"
 
+    def as_chain(self) -> Chained:
+        """The same rule as a chain of :mod:`~metaopt.optim.transforms` (optax's shape).
+
+        ``step`` fuses update clipping, parameter scaling and the relative step into one
+        batched scale per param (fewer kernels: the inner loop's cost); this chain is the
+        readable specification it is tested against (equal to 1e-12 in float64).
+
+        Example:
+            >>> import torch
+            >>> opt = Adafactor(lr=0.1, weight_decay=0.1)
+            >>> p, g = {"w": torch.randn(3, 4, dtype=torch.float64)}, {"w": torch.randn(3, 4, dtype=torch.float64)}
+            >>> ref = opt.as_chain()
+            >>> torch.allclose(opt.step(p, g, opt.init(p))[0]["w"], ref.step(p, g, ref.init(p))[0]["w"], rtol=1e-12)
+            True
+        """
+        torch_rule = self.flavour == "torch"
+        eps1, eps2 = self.eps
+        tx = [T.scale(-1.0)] if self.maximize else []
+        if self.grad_clip_value is not None:
+            tx.append(T.clip(self.grad_clip_value))
+        if self.grad_clip_norm is not None:
+            tx.append(T.clip_by_global_norm(self.grad_clip_norm))
+        tx += [
+            T.scale_by_factored_rms(self.beta2_decay, eps1, eps_inside=not torch_rule, factored=self.factored,
+                                    min_dim_size_to_factor=self.min_dim_size_to_factor),
+            T.clip_by_block_rms(self.d),
+        ]
+        if self.scale_parameter:
+            tx.append(T.scale_by_param_block_rms(eps2))
+        tx.append(self._scale_by_step_size())
+        if self.beta1 is not None:
+            tx.append(T.ema(self.beta1))
+        tx.append(T.scale(-1.0))
+        if self._use_wd:
+            tx.append(T.add_decoupled_weight_decay(self.lr, self.weight_decay) if torch_rule else self._hf_decay())
+        return Chained(T.chain(*tx))
+
+    def _scale_by_step_size(self) -> T.GradientTransformation:
+        """``u = rho_t u`` (torch: ``min(lr, 1/sqrt(t))``; transformers: see ``_step_scalars``)."""
+
+        def update(updates, state, params):
+            rho = {}
+            for u in updates.values():
+                if u.dtype not in rho:
+                    rho[u.dtype] = self._step_scalars(state.count, u.dtype)[1]
+            return {k: u * rho[u.dtype] for k, u in updates.items()}, T.CountState(state.count + 1)
+
+        return T.GradientTransformation(lambda params: T.CountState(T._count(params)), update)
+
+    def _hf_decay(self) -> T.GradientTransformation:
+        """transformers' decay ``p -= weight_decay * alpha_t * p``, ``alpha_t = rho_t max(eps2, RMS(p))``."""
+
+        def update(updates, state, params):
+            out = {}
+            for k, u in updates.items():
+                alpha = self._step_scalars(state.count, u.dtype)[1]
+                if self.scale_parameter:
+                    alpha = alpha * torch.clamp(T._rms(params[k]), min=self.eps[1])
+                out[k] = u - (self.weight_decay * alpha) * params[k]
+            return out, T.CountState(state.count + 1)
+
+        return T.GradientTransformation(lambda params: T.CountState(T._count(params)), update)
+
     # ----------------------------------------------------------------------------------
     # Pieces
     # ----------------------------------------------------------------------------------
@@ -379,7 +444,9 @@ class Adafactor:
             v = self.grad_clip_value
             grads = {k: g.clamp(-v, v) for k, g in grads.items()}
         if self.grad_clip_norm is not None and grads:
-            norms = torch.stack([torch.linalg.vector_norm(g).to(torch.float32) for g in grads.values()])
+            # norms in the grads' dtype (float32 for half precision), as clip_grad_norm_
+            dtype = torch.promote_types(torch.float32, next(iter(grads.values())).dtype)
+            norms = torch.stack([torch.linalg.vector_norm(g).to(dtype) for g in grads.values()])
             total = torch.linalg.vector_norm(norms)
             coef = torch.clamp(self.grad_clip_norm / (total + 1e-6), max=1.0)  # (,)
             grads = {k: g * coef.to(g.dtype) for k, g in grads.items()}

@@ -84,8 +84,7 @@ class Adam(Chained):
             raise ValueError("betas must be either both floats or both Tensors")
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.amsgrad, self.maximize, self.decoupled_weight_decay = amsgrad, maximize, decoupled_weight_decay
-        self._repr_args = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                               maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+        self._repr_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
         super().__init__(_recipe(T.scale_by_adam(*betas, eps, amsgrad), lr, weight_decay,
                                  decoupled_weight_decay, maximize))
 
@@ -107,7 +106,7 @@ class AdamW(Adam):
         weight_decay: Any = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
     ) -> None:
         super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True)
-        del self._repr_args["decoupled_weight_decay"]
+        self._repr_keys = tuple(k for k in self._repr_keys if k != "decoupled_weight_decay")
 
 
 class Adamax(Chained):
@@ -129,7 +128,7 @@ class Adamax(Chained):
     ) -> None:
         _check_common(lr, betas, eps, weight_decay)
         self.lr, self.betas, self.eps, self.weight_decay, self.maximize = lr, tuple(betas), eps, weight_decay, maximize
-        self._repr_args = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        self._repr_keys = ("lr", "betas", "eps", "weight_decay", "maximize")
         super().__init__(_recipe(T.scale_by_adamax(*betas, eps), lr, weight_decay, False, maximize))
 
 
@@ -155,9 +154,7 @@ class NAdam(Chained):
         check_ge(momentum_decay, 0.0, "Invalid momentum_decay value: {}")
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.momentum_decay, self.decoupled_weight_decay, self.maximize = momentum_decay, decoupled_weight_decay, maximize
-        self._repr_args = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                               momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-                               maximize=maximize)
+        self._repr_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
         super().__init__(_recipe(T.scale_by_nadam(*betas, eps, momentum_decay), lr, weight_decay,
                                  decoupled_weight_decay, maximize))
 
@@ -182,6 +179,5 @@ class RAdam(Chained):
         _check_common(lr, betas, eps, weight_decay)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.decoupled_weight_decay, self.maximize = decoupled_weight_decay, maximize
-        self._repr_args = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        self._repr_keys = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
         super().__init__(_recipe(T.scale_by_radam(*betas, eps), lr, weight_decay, decoupled_weight_decay, maximize))

@@ -58,7 +58,7 @@ class Chained:
         return {k: p + updates[k] for k, p in params.items()}, state
 
     def __repr__(self) -> str:
-        args = getattr(self, "_repr_args", None)
-        if args is None:
-            return f"{type(self).__name__}({self.transform!r})"
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+        keys = getattr(self, "_repr_keys", None)  # names of attributes (not copies: MAML walks attributes)
+        if keys is None:
+            return f"{type(self).__name__}(<transform>)"
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"

@@ -57,8 +57,7 @@ class Lion(Chained):
             raise ValueError(f"decoupled_weight_decay=True needs a float lr (it divides by the initial lr) but lr is: {lr!r}")
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.decoupled_weight_decay, self.maximize = decoupled_weight_decay, maximize
-        self._repr_args = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        self._repr_keys = ("lr", "betas", "weight_decay", "decoupled_weight_decay", "maximize")
         tx = [T.scale(-1.0)] if maximize else []
         tx += [T.scale_by_lion(*betas), T.scale_by_learning_rate(lr)]
         if not (is_number(weight_decay) and weight_decay == 0):

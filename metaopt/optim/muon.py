@@ -106,9 +106,7 @@ class Muon(Chained):
         self.lr, self.weight_decay, self.momentum, self.nesterov = lr, weight_decay, momentum, nesterov
         self.ns_coefficients, self.eps, self.ns_steps, self.adjust_lr_fn = tuple(ns_coefficients), eps, ns_steps, adjust_lr_fn
         self.ns_dtype, self.maximize = ns_dtype, maximize
-        self._repr_args = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                               ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
-                               adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, maximize=maximize)
+        self._repr_keys = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "ns_dtype", "maximize")
         tx = [T.scale(-1.0)] if maximize else []
         tx += [
             _muon_momentum(momentum, nesterov),

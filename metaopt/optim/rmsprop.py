@@ -63,8 +63,7 @@ class RMSprop(Chained):
         check_ge(alpha, 0.0, "Invalid alpha value: {}")
         self.lr, self.alpha, self.eps, self.weight_decay = lr, alpha, eps, weight_decay
         self.momentum, self.centered, self.maximize = momentum, centered, maximize
-        self._repr_args = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                               centered=centered, maximize=maximize)
+        self._repr_keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
         tx = _prefix(weight_decay, maximize) + [T.scale_by_rms(alpha, eps, centered)]
         if not (is_number(momentum) and momentum == 0):
             tx.append(T.trace(momentum))  # b starts at 0: b_1 = u_1, as torch's zero buffer
@@ -97,8 +96,7 @@ class Adagrad(Chained):
         check_ge(eps, 0.0, "Invalid epsilon value: {}")
         self.lr, self.lr_decay, self.weight_decay = lr, lr_decay, weight_decay
         self.initial_accumulator_value, self.eps, self.maximize = initial_accumulator_value, eps, maximize
-        self._repr_args = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                               initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize)
+        self._repr_keys = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize")
         tx = _prefix(weight_decay, maximize) + [T.scale_by_adagrad(initial_accumulator_value, eps)]
         if not (is_number(lr_decay) and lr_decay == 0):
             # count is the number of steps before this one: t - 1.
@@ -129,6 +127,6 @@ class Adadelta(Chained):
         check_ge(eps, 0.0, "Invalid epsilon value: {}")
         _check_wd(weight_decay)
         self.lr, self.rho, self.eps, self.weight_decay, self.maximize = lr, rho, eps, weight_decay, maximize
-        self._repr_args = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        self._repr_keys = ("lr", "rho", "eps", "weight_decay", "maximize")
         tx = _prefix(weight_decay, maximize) + [T.scale_by_adadelta(rho, eps)]
         super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)))

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from metaopt.optim._util import check_ge, check_hyper, check_inputs, check_lr, cast_hyper, is_number
+from metaopt.optim import transforms as T
+from metaopt.optim.chain import Chained
 from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, HyperParam, Params, Scalar
 
@@ -102,6 +104,27 @@ class SGD:
             f"SGD(lr={lr}, momentum={self.momentum}, dampening={self.dampening}, "
             f"weight_decay={self.weight_decay}, nesterov={self.nesterov}, maximize={self.maximize})"
         )
+
+    def as_chain(self) -> Chained:
+        """The same rule as a chain of transforms: ``[negate] -> [g + wd p] -> [trace] -> -lr u``.
+
+        ``step`` keeps torch's operation order (bit-exact with ``torch.optim.SGD``); this
+        chain is the composable form, tested equal to it.
+
+        Example:
+            >>> import torch
+            >>> opt = SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
+            >>> p, g = {"w": torch.randn(3)}, {"w": torch.randn(3)}
+            >>> ref = opt.as_chain()
+            >>> torch.allclose(opt.step(p, g, opt.init(p))[0]["w"], ref.step(p, g, ref.init(p))[0]["w"])
+            True
+        """
+        tx = [T.scale(-1.0)] if self.maximize else []
+        if self._use_wd:
+            tx.append(T.add_decayed_weights(self.weight_decay))
+        if self._use_momentum:
+            tx.append(T.trace(self.momentum, self.dampening, self.nesterov))
+        return Chained(T.chain(*tx, T.scale_by_learning_rate(self.lr)))
 
     def init(self, params: Params) -> SGDState:
         """Step counter 0 and zero momentum buffers (none when ``momentum == 0``)."""

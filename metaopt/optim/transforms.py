@@ -664,10 +664,11 @@ def clip_by_global_norm(max_norm: Any) -> GradientTransformation:
     def update(updates: Updates, state: EmptyState, params: Params) -> tuple[Updates, EmptyState]:
         if not updates:
             return {}, state
-        norms = torch.stack([torch.linalg.vector_norm(u).to(torch.float32) if u.dtype in (torch.float16, torch.bfloat16)
-                             else torch.linalg.vector_norm(u) for u in updates.values()]) \
-            if len({u.dtype for u in updates.values()}) == 1 else \
-            torch.stack([torch.linalg.vector_norm(u).to(torch.float64) for u in updates.values()])
+        # norms in the widest update dtype (at least float32: half-precision sums overflow)
+        dtype = torch.float32
+        for u in updates.values():
+            dtype = torch.promote_types(dtype, u.dtype)
+        norms = torch.stack([torch.linalg.vector_norm(u).to(dtype) for u in updates.values()])  # (P,)
         coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms) + 1e-6), max=1.0)  # (,)
         return {k: u * coef.to(u.dtype) for k, u in updates.items()}, state
 
