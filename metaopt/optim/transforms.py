@@ -145,6 +145,18 @@ def _axpby(a: Any, x: Tensor, b: Any, y: Tensor) -> Tensor:
     return a * x + b * y
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose derivative at 0 is 0, not inf.
+
+    A second moment is exactly 0 where every gradient so far was exactly 0 (a dead ReLU
+    unit, zero padding); there ``d sqrt / dv = inf`` meets ``dv / dg = 2 (1 - b2) g = 0``
+    and ``inf * 0`` makes the whole meta-gradient NaN. The inner ``where`` keeps ``sqrt``
+    away from 0 (finite derivatives of every order); the outer one selects 0 there.
+    """
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
 def identity() -> GradientTransformation:
     """Pass updates through unchanged."""
     return GradientTransformation(lambda params: EmptyState(), lambda u, s, p: (dict(u), s))
@@ -377,7 +389,7 @@ def scale_by_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, amsgrad: bool
             mu[k], nu[k] = m, v
             if amsgrad:
                 v = vmax[k] = torch.maximum(state.extra[k], v)
-            denom = torch.sqrt(v) / bc2_sqrt + cast_hyper(eps, g)
+            denom = _sqrt(v) / bc2_sqrt + cast_hyper(eps, g)
             out[k] = (m / bc1) / denom
         return out, MomentsState(state.count + 1, mu, nu, vmax)
 
@@ -432,7 +444,7 @@ def scale_by_nadam(
             m = torch.lerp(state.mu[k], g, 1.0 - cast_hyper(b1, g))
             v = _lerp_sq(state.nu[k], g, cast_hyper(b2, g))
             mu[k], nu[k] = m, v
-            denom = torch.sqrt(v / bc2.to(g.dtype)) + cast_hyper(eps, g)
+            denom = _sqrt(v / bc2.to(g.dtype)) + cast_hyper(eps, g)
             out[k] = (g * c_grad.to(g.dtype) + m * c_avg.to(g.dtype)) / denom
         return out, MomentsState(state.count + 1, mu, nu, {"mu_product": prod})
 
@@ -457,7 +469,7 @@ def scale_by_radam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8) -> GradientT
                 rho_inf = 2.0 / (1.0 - cast_hyper(b2, g)) - 1.0
                 rho_t = rho_inf - 2.0 * t * b2t / bc2
                 # clamp: the ratio is negative for small t, where it is not used (no NaN grads)
-                rect = torch.sqrt(torch.clamp(
+                rect = _sqrt(torch.clamp(
                     (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), min=0.0
                 ))
                 sc = scalars[g.dtype] = (1.0 - _pow(b1, t), torch.sqrt(bc2), rect, rho_t > 5.0)
@@ -465,7 +477,7 @@ def scale_by_radam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8) -> GradientT
             m = torch.lerp(state.mu[k], g, 1.0 - cast_hyper(b1, g))
             v = _lerp_sq(state.nu[k], g, cast_hyper(b2, g))
             mu[k], nu[k] = m, v
-            adaptive = bc2_sqrt / (torch.sqrt(v) + cast_hyper(eps, g))
+            adaptive = bc2_sqrt / (_sqrt(v) + cast_hyper(eps, g))
             out[k] = (m / bc1) * torch.where(use, adaptive * rect, torch.ones_like(adaptive))
         return out, MomentsState(state.count + 1, mu, nu, {})
 
@@ -487,9 +499,9 @@ def scale_by_rms(alpha: Any = 0.99, eps: Any = 1e-8, centered: bool = False) -> 
             v = nu[k] = _lerp_sq(state.nu[k], g, a)
             if centered:
                 m = mu[k] = torch.lerp(state.mu[k], g, 1.0 - a)
-                avg = torch.sqrt(torch.addcmul(v, m, m, value=-1.0))
+                avg = _sqrt(torch.clamp(torch.addcmul(v, m, m, value=-1.0), min=0.0))  # >= 0 up to rounding
             else:
-                avg = torch.sqrt(v)
+                avg = _sqrt(v)
             out[k] = g / (avg + cast_hyper(eps, g))
         return out, MomentsState(state.count + 1, mu, nu, {})
 
@@ -509,7 +521,7 @@ def scale_by_adagrad(initial_accumulator_value: Any = 0.0, eps: Any = 1e-10) -> 
         out, nu = {}, {}
         for k, g in updates.items():
             s = nu[k] = torch.addcmul(state.nu[k], g, g)
-            out[k] = g / (torch.sqrt(s) + cast_hyper(eps, g))
+            out[k] = g / (_sqrt(s) + cast_hyper(eps, g))
         return out, MomentsState(state.count + 1, {}, nu, {})
 
     return GradientTransformation(init, update)

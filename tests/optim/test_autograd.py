@@ -130,3 +130,22 @@ def test_vmap_shares_unbatched_state():
 
     out = torch.func.vmap(one)(grads)
     torch.testing.assert_close(out["w"][2], one({k: v[2] for k, v in grads.items()})["w"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exactly_zero_gradient_entries_give_finite_derivatives(name):
+    # A dead ReLU unit gives grad entries that are exactly 0 (and stay 0): second moments
+    # are 0 there, where d sqrt(v)/dv = inf would turn the meta-gradient into NaN.
+    shapes = shapes_for(name, SHAPES)
+    gen = torch.Generator().manual_seed(4)
+    lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+    params = {k: torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_() for k, s in shapes.items()}
+    opt = make(name, lr)
+    p, state = params, opt.init(params)
+    for _ in range(2):
+        mask = torch.zeros_like(p["weight"])
+        mask.view(-1)[1:] = 1.0  # one entry with an exactly-zero gradient
+        g = {k: v * 2.0 * (mask if k == "weight" else 1.0) for k, v in p.items()}  # grads depend on params
+        p, state = opt.step(p, g, state)
+    grads = torch.autograd.grad(sum(v.sum() for v in p.values()), [lr, *params.values()])
+    assert all(torch.isfinite(t).all() for t in grads)
