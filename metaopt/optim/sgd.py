@@ -38,9 +38,13 @@ class SGD:
         g = g + momentum * b_t  if nesterov else b_t    (when momentum != 0)
         p = p - lr * g
 
-    ``lr`` may be a float, a tensor (e.g. an ``nn.Parameter`` learned by MAML) or a dict of
-    tensors keyed like params, each broadcastable to its param (Meta-SGD's per-parameter
-    rates). Any other hyperparameter may also be a 0-dim tensor.
+    ``lr`` (default 1e-3, as torch) may be a float, a 1-element tensor (e.g. an
+    ``nn.Parameter`` learned by MAML; viewed 0-d and cast to each param's dtype, so a
+    ``(1,)`` rate keeps a 0-d param 0-d), a dict of tensors keyed like params, each
+    broadcastable to its param (Meta-SGD's per-parameter rates), or a schedule
+    ``f(count) -> lr`` called with the 0-dim int64 count of steps taken (e.g.
+    :class:`~metaopt.optim.learned.PerStep`). Any other hyperparameter may also be a
+    0-dim tensor.
 
     Example:
         >>> import torch

@@ -701,7 +701,8 @@ def _newton_schulz(g: Tensor, coefficients: tuple, steps: int, eps: float, dtype
     x = x / torch.clamp(torch.linalg.vector_norm(x), min=eps)  # spectral norm <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        # torch's op order (addmm: one rounding each), so bfloat16 iterations match its bits
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     if tall:
         x = x.mT
     return x.to(g.dtype)
