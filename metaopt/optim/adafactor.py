@@ -292,6 +292,18 @@ class Adafactor:
                 if is_number(v) and not v > 0:
                     raise ValueError(f"{name} should be > 0 or None but is: {v}")
         self.flavour = flavour
+        # The two references differ in four places; each is one switch, decided here once
+        # (the step reads these, never the flavour name):
+        torch_rule = flavour == "torch"
+        # eps1 floors mean(R) and V (torch) or is added to g^2 (transformers)
+        self._eps_inside = not torch_rule
+        # half-precision params are updated in float32 (transformers) or in their dtype
+        self._half_in_float32 = not torch_rule
+        # weight decay p (1 - lr wd) (torch) or p (1 - wd alpha_t) (transformers)
+        self._decay_by_step_size = not torch_rule
+        # step size rho_t: min(lr, 1/sqrt t) (torch), min(1e-2, 1/sqrt t) (transformers'
+        # relative step), min(1e-6 t, 1/sqrt t) (its warm-up), or lr (relative_step=False)
+        self._rho_rule = "min_lr" if torch_rule else "fixed" if not relative_step else "warmup" if warmup_init else "relative"
         self.lr = lr
         self.beta2_decay = float(beta2_decay)
         self.eps = (eps1, eps2)
@@ -341,7 +353,7 @@ class Adafactor:
             >>> torch.allclose(opt.step(p, g, opt.init(p))[0]["w"], ref.step(p, g, ref.init(p))[0]["w"], rtol=1e-12)
             True
         """
-        torch_rule = self.flavour == "torch"
+        torch_rule = not self._eps_inside
         eps1, eps2 = self.eps
         tx = [T.scale(-1.0)] if self.maximize else []
         if self.grad_clip_value is not None:
@@ -360,7 +372,7 @@ class Adafactor:
             tx.append(T.ema(self.beta1))
         tx.append(T.scale(-1.0))
         if self._use_wd:
-            tx.append(T.add_decoupled_weight_decay(self.lr, self.weight_decay) if torch_rule else self._hf_decay())
+            tx.append(self._hf_decay() if self._decay_by_step_size else T.add_decoupled_weight_decay(self.lr, self.weight_decay))
         return Chained(T.chain(*tx))
 
     def _scale_by_step_size(self) -> T.GradientTransformation:
@@ -411,7 +423,7 @@ class Adafactor:
 
     def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         # transformers updates half-precision params in float32.
-        return torch.float32 if self.flavour == "transformers" and dtype in _HALF else dtype
+        return torch.float32 if self._half_in_float32 and dtype in _HALF else dtype
 
     def init(self, params: Params) -> AdafactorState:
         """Zero second moments: ``(..., n, 1)`` and ``(..., 1, m)`` per factored param."""
@@ -458,20 +470,20 @@ class Adafactor:
         w = torch.pow(t, self.beta2_decay)
         inv_sqrt_t = torch.rsqrt(t)
         lr = self._lr_now(count, t)
-        if self.flavour == "torch":
+        if self._rho_rule == "min_lr":
             rho = _minimum(inv_sqrt_t, lr)
-        elif not self.relative_step:
+        elif self._rho_rule == "fixed":
             rho = lr if isinstance(lr, Tensor) else torch.full_like(t, lr)
-        elif self.warmup_init:
+        elif self._rho_rule == "warmup":
             rho = torch.minimum(t * 1e-6, inv_sqrt_t)
-        else:
+        else:  # "relative"
             rho = torch.clamp(inv_sqrt_t, max=1e-2)
         return w, rho
 
     def step(self, params: Params, grads: Grads, state: AdafactorState) -> tuple[Params, AdafactorState]:
         """One Adafactor step, out of place. See the class docstring for the rule."""
         check_inputs(params, grads)
-        torch_flavour = self.flavour == "torch"
+        floor = not self._eps_inside  # torch: floors on mean(R) and V; transformers: eps1 in g^2
         eps1, eps2 = self.eps
         d = self.d
         grads = dict(grads)
@@ -491,7 +503,7 @@ class Adafactor:
             w, _ = scalars[dtype]
             e1 = torch.finfo(dtype).eps if eps1 is None else eps1
             g2 = torch.square(g)
-            if not torch_flavour:
+            if not floor:
                 g2 = g2 + e1  # transformers: eps1 inside the averages
             if k in state.row:
                 a, b = self.factored_dims(g.shape)
@@ -499,13 +511,13 @@ class Adafactor:
                 c = torch.lerp(state.col[k], _mean(g2, a), w)  # (..., 1, m)
                 new_row[k], new_col[k] = r, c
                 r_mean = _mean(r, a)  # (..., 1, 1)
-                if torch_flavour:
+                if floor:
                     r_mean = r_mean.clamp(min=e1)
                 v = (r / r_mean) * c  # (..., n, m) = R C / mean(R)
             else:
                 v = torch.lerp(state.variance[k], g2, w)
                 new_var[k] = v
-            if torch_flavour:
+            if floor:
                 v = v.clamp(min=e1 * e1)
             updates[k] = torch.rsqrt(v) * g
 
@@ -575,7 +587,7 @@ class Adafactor:
     def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float], count: Tensor) -> Any:
         """Multiplier of ``p`` for weight decay: ``1 - lr wd`` (torch), ``1 - wd alpha_t`` (HF)."""
         wd = self.weight_decay
-        if self.flavour == "torch":
+        if not self._decay_by_step_size:
             # lr and wd in the params' dtype (a float32 tensor lr with float64 params would
             # otherwise round 1 - lr wd to float32); a (1,) lr is viewed 0-d.
             return 1.0 - self._lr_now(count, p_scale) * cast_hyper(wd, p_scale)
