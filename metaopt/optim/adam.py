@@ -7,6 +7,8 @@ Each is a chain (see :mod:`metaopt.optim.transforms`)::
 with the direction ``scale_by_adam`` / ``scale_by_adamax`` / ``scale_by_nadam`` /
 ``scale_by_radam``. Arguments, defaults and validation messages are torch's; ``lr`` may
 also be a per-parameter dict or a schedule (see :func:`~metaopt.optim.transforms.lr_at`).
+Keyword-only extensions, off by default: ``maximize`` where torch lacks it, and gradient
+clipping ``grad_clip_norm`` / ``grad_clip_value`` (:func:`~metaopt.optim.chain.grad_clipping`).
 
 Differences from the reference (all of them): the step counter is one tensor per chain piece,
 not one per param; torch reads tensor hyperparameters as Python floats, here they stay
@@ -17,7 +19,7 @@ rounding).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -77,7 +79,8 @@ class Adam(Chained):
     def __init__(
         self, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: Any = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-        decoupled_weight_decay: bool = False,
+        decoupled_weight_decay: bool = False, grad_clip_norm: Optional[float] = None,
+        grad_clip_value: Optional[float] = None,
     ) -> None:
         _check_common(lr, betas, eps, weight_decay)
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
@@ -86,7 +89,7 @@ class Adam(Chained):
         self.amsgrad, self.maximize, self.decoupled_weight_decay = amsgrad, maximize, decoupled_weight_decay
         self._repr_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
         super().__init__(_recipe(T.scale_by_adam(*betas, eps, amsgrad), lr, weight_decay,
-                                 decoupled_weight_decay, maximize))
+                                 decoupled_weight_decay, maximize), grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 
 
 class AdamW(Adam):
@@ -104,8 +107,10 @@ class AdamW(Adam):
     def __init__(
         self, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: Any = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
-        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True)
+        super().__init__(lr, betas, eps, weight_decay, amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
         self._repr_keys = tuple(k for k in self._repr_keys if k != "decoupled_weight_decay")
 
 
@@ -125,11 +130,13 @@ class Adamax(Chained):
     def __init__(
         self, lr: Any = 2e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: Any = 0.0, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         _check_common(lr, betas, eps, weight_decay)
         self.lr, self.betas, self.eps, self.weight_decay, self.maximize = lr, tuple(betas), eps, weight_decay, maximize
         self._repr_keys = ("lr", "betas", "eps", "weight_decay", "maximize")
-        super().__init__(_recipe(T.scale_by_adamax(*betas, eps), lr, weight_decay, False, maximize))
+        super().__init__(_recipe(T.scale_by_adamax(*betas, eps), lr, weight_decay, False, maximize),
+                         grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 
 
 class NAdam(Chained):
@@ -149,6 +156,7 @@ class NAdam(Chained):
         self, lr: Any = 2e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: Any = 0.0, momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False,
         *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         _check_common(lr, betas, eps, weight_decay)
         check_ge(momentum_decay, 0.0, "Invalid momentum_decay value: {}")
@@ -156,7 +164,7 @@ class NAdam(Chained):
         self.momentum_decay, self.decoupled_weight_decay, self.maximize = momentum_decay, decoupled_weight_decay, maximize
         self._repr_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
         super().__init__(_recipe(T.scale_by_nadam(*betas, eps, momentum_decay), lr, weight_decay,
-                                 decoupled_weight_decay, maximize))
+                                 decoupled_weight_decay, maximize), grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 
 
 class RAdam(Chained):
@@ -175,9 +183,11 @@ class RAdam(Chained):
     def __init__(
         self, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: Any = 0.0, decoupled_weight_decay: bool = False, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         _check_common(lr, betas, eps, weight_decay)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.decoupled_weight_decay, self.maximize = decoupled_weight_decay, maximize
         self._repr_keys = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
-        super().__init__(_recipe(T.scale_by_radam(*betas, eps), lr, weight_decay, decoupled_weight_decay, maximize))
+        super().__init__(_recipe(T.scale_by_radam(*betas, eps), lr, weight_decay, decoupled_weight_decay, maximize),
+                         grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)

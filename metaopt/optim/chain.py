@@ -11,13 +11,14 @@ chain. Users can build their own::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from metaopt.optim._util import check_inputs
+from metaopt.optim import transforms as T
+from metaopt.optim._util import check_hyper, check_inputs, is_number
 from metaopt.optim.transforms import GradientTransformation
 from metaopt.types import Grads, Params
 
-__all__ = ["Chained"]
+__all__ = ["Chained", "grad_clipping"]
 
 
 class Chained:
@@ -26,6 +27,8 @@ class Chained:
 
     Args:
         transform: the update rule, ending with a learning-rate scaling (updates are added).
+        grad_clip_norm: clip the gradients' global 2-norm to this first (``None``: off).
+        grad_clip_value: clamp every gradient entry to ``[-v, v]`` first (``None``: off).
 
     Example:
         >>> import torch
@@ -39,10 +42,15 @@ class Chained:
 
     transform: GradientTransformation
 
-    def __init__(self, transform: GradientTransformation) -> None:
+    def __init__(
+        self, transform: GradientTransformation, *, grad_clip_norm: Optional[float] = None,
+        grad_clip_value: Optional[float] = None,
+    ) -> None:
         if not isinstance(transform, GradientTransformation):
             raise TypeError(f"transform must be a GradientTransformation but is: {type(transform).__name__}")
-        self.transform = transform
+        clip = grad_clipping(grad_clip_norm, grad_clip_value)
+        self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
+        self.transform = T.chain(*clip, transform) if clip else transform
 
     def init(self, params: Params) -> Any:
         """The chain's initial state (zeros; one step counter per stateful piece)."""
@@ -61,4 +69,28 @@ class Chained:
         keys = getattr(self, "_repr_keys", None)  # names of attributes (not copies: MAML walks attributes)
         if keys is None:
             return f"{type(self).__name__}(<transform>)"
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in keys)})"
+        args = [f"{k}={getattr(self, k)!r}" for k in keys]
+        args += [f"{k}={getattr(self, k)!r}" for k in ("grad_clip_norm", "grad_clip_value") if getattr(self, k, None) is not None]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+def grad_clipping(grad_clip_norm: Optional[float], grad_clip_value: Optional[float]) -> list[GradientTransformation]:
+    """The gradient-clipping pieces every preset accepts (keyword-only, beyond torch.optim):
+    clamp each entry to ``[-grad_clip_value, grad_clip_value]``, then rescale all grads by
+    ``min(1, grad_clip_norm / (||g|| + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``).
+
+    Example:
+        >>> len(grad_clipping(1.0, None)), len(grad_clipping(None, None))
+        (1, 0)
+    """
+    for name, v in (("grad_clip_norm", grad_clip_norm), ("grad_clip_value", grad_clip_value)):
+        if v is not None:
+            check_hyper(v, name)
+            if is_number(v) and not v > 0:
+                raise ValueError(f"{name} should be > 0 or None but is: {v}")
+    out = []
+    if grad_clip_value is not None:
+        out.append(T.clip(grad_clip_value))
+    if grad_clip_norm is not None:
+        out.append(T.clip_by_global_norm(grad_clip_norm))
+    return out

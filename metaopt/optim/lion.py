@@ -6,7 +6,7 @@ Chain: ``[negate] -> scale_by_lion -> -lr * u -> decoupled decay``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from metaopt.optim import transforms as T
 from metaopt.optim._util import check_ge, check_hyper, check_lr, check_range, is_number
@@ -30,6 +30,7 @@ class Lion(Chained):
         decoupled_weight_decay: as ``lion-pytorch``: decay ``p (1 - wd lr / lr_0)`` where
             ``lr_0`` is the initial ``lr`` (so ``p (1 - wd)`` at a constant rate).
         maximize: ascend (an extension; ``lion-pytorch`` has no such flag).
+        grad_clip_norm, grad_clip_value: gradient clipping first (extensions, off by default).
 
     Example:
         >>> import torch
@@ -44,6 +45,7 @@ class Lion(Chained):
     def __init__(
         self, lr: Any = 1e-4, betas: tuple[Any, Any] = (0.9, 0.99), weight_decay: Any = 0.0,
         decoupled_weight_decay: bool = False, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         check_lr(lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -63,4 +65,4 @@ class Lion(Chained):
         if not (is_number(weight_decay) and weight_decay == 0):
             wd = weight_decay / lr if decoupled_weight_decay and lr != 0 else weight_decay
             tx.append(T.add_decoupled_weight_decay(lr, wd))
-        super().__init__(T.chain(*tx))
+        super().__init__(T.chain(*tx), grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)

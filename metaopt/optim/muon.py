@@ -66,6 +66,7 @@ class Muon(Chained):
             in the param's dtype: needed for exact float64 derivatives (gradcheck) and more
             accurate meta-gradients, at the cost of speed on accelerators.
         maximize: ascend (an extension).
+        grad_clip_norm, grad_clip_value: gradient clipping first (extensions, off by default).
 
     Raises:
         ValueError: a param that is not 2-D (at ``init``, as torch at construction).
@@ -91,6 +92,7 @@ class Muon(Chained):
         ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7,
         ns_steps: int = 5, adjust_lr_fn: Optional[str] = None, *,
         ns_dtype: Optional[torch.dtype] = torch.bfloat16, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         check_lr(lr, "Learning rate should be >= 0 but is: {}")
         check_hyper(momentum, "momentum")
@@ -116,7 +118,7 @@ class Muon(Chained):
         ]
         if not (is_number(weight_decay) and weight_decay == 0):
             tx.append(T.add_decoupled_weight_decay(lr, weight_decay))
-        super().__init__(T.chain(*tx))
+        super().__init__(T.chain(*tx), grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 
     def init(self, params: Params) -> Any:
         """Zero momentum buffers; rejects params that are not 2-D."""

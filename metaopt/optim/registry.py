@@ -48,7 +48,7 @@ def allowed_kwargs(name: str) -> Optional[list[str]]:
 
     Example:
         >>> allowed_kwargs("lion")
-        ['lr', 'betas', 'weight_decay', 'decoupled_weight_decay', 'maximize']
+        ['lr', 'betas', 'weight_decay', 'decoupled_weight_decay', 'maximize', 'grad_clip_norm', 'grad_clip_value']
     """
     f = factory(name)
     declared = getattr(f, "extension_kwargs", None)

@@ -6,13 +6,16 @@ Chains (see :mod:`metaopt.optim.transforms`)::
     Adagrad:  [negate] -> [g + wd p] -> scale_by_adagrad -> 1 / (1 + (t-1) lr_decay) -> -lr * u
     Adadelta: [negate] -> [g + wd p] -> scale_by_adadelta -> -lr * u
 
+Every preset also takes keyword-only ``grad_clip_norm`` / ``grad_clip_value``
+(:func:`~metaopt.optim.chain.grad_clipping`), off by default.
+
 Differences from the reference: tensor hyperparameters stay tensors (meta-gradients flow
 into them); one step counter per chain piece instead of one per param.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from metaopt.optim import transforms as T
 from metaopt.optim._util import check_ge, check_hyper, check_lr, check_range, is_number
@@ -53,6 +56,7 @@ class RMSprop(Chained):
     def __init__(
         self, lr: Any = 1e-2, alpha: Any = 0.99, eps: float = 1e-8, weight_decay: Any = 0.0,
         momentum: Any = 0.0, centered: bool = False, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         check_lr(lr)
         check_ge(eps, 0.0, "Invalid epsilon value: {}")
@@ -67,7 +71,8 @@ class RMSprop(Chained):
         tx = _prefix(weight_decay, maximize) + [T.scale_by_rms(alpha, eps, centered)]
         if not (is_number(momentum) and momentum == 0):
             tx.append(T.trace(momentum))  # b starts at 0: b_1 = u_1, as torch's zero buffer
-        super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)))
+        super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)),
+                         grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 
 
 class Adagrad(Chained):
@@ -87,6 +92,7 @@ class Adagrad(Chained):
     def __init__(
         self, lr: Any = 1e-2, lr_decay: Any = 0.0, weight_decay: Any = 0.0,
         initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         check_lr(lr)
         check_hyper(lr_decay, "lr_decay")
@@ -101,7 +107,8 @@ class Adagrad(Chained):
         if not (is_number(lr_decay) and lr_decay == 0):
             # count is the number of steps before this one: t - 1.
             tx.append(T.scale_by_schedule(lambda count: 1.0 / (1.0 + count * lr_decay)))
-        super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)))
+        super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)),
+                         grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 
 
 class Adadelta(Chained):
@@ -120,6 +127,7 @@ class Adadelta(Chained):
 
     def __init__(
         self, lr: Any = 1.0, rho: Any = 0.9, eps: float = 1e-6, weight_decay: Any = 0.0, *, maximize: bool = False,
+        grad_clip_norm: Optional[float] = None, grad_clip_value: Optional[float] = None,
     ) -> None:
         check_lr(lr)
         check_hyper(rho, "rho")
@@ -129,4 +137,5 @@ class Adadelta(Chained):
         self.lr, self.rho, self.eps, self.weight_decay, self.maximize = lr, rho, eps, weight_decay, maximize
         self._repr_keys = ("lr", "rho", "eps", "weight_decay", "maximize")
         tx = _prefix(weight_decay, maximize) + [T.scale_by_adadelta(rho, eps)]
-        super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)))
+        super().__init__(T.chain(*tx, T.scale_by_learning_rate(lr)),
+                         grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)

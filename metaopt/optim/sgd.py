@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from metaopt.optim._util import check_ge, check_hyper, check_inputs, check_lr, cast_hyper, is_number
 from metaopt.optim import transforms as T
-from metaopt.optim.chain import Chained
+from metaopt.optim.chain import Chained, grad_clipping
 from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, HyperParam, Params, Scalar
 
@@ -44,7 +44,8 @@ class SGD:
     broadcastable to its param (Meta-SGD's per-parameter rates), or a schedule
     ``f(count) -> lr`` called with the 0-dim int64 count of steps taken (e.g.
     :class:`~metaopt.optim.learned.PerStep`). Any other hyperparameter may also be a
-    0-dim tensor.
+    0-dim tensor. Keyword-only ``grad_clip_norm`` / ``grad_clip_value`` clip the grads first
+    (:func:`~metaopt.optim.chain.grad_clipping`; extensions, off by default).
 
     Example:
         >>> import torch
@@ -77,6 +78,8 @@ class SGD:
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        grad_clip_norm: Optional[float] = None,
+        grad_clip_value: Optional[float] = None,
     ) -> None:
         check_lr(lr)
         for name, v in (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
@@ -101,12 +104,16 @@ class SGD:
         self._use_wd = not (is_number(weight_decay) and weight_decay == 0)
         self._use_dampening = not (is_number(dampening) and dampening == 0)
         self._scheduled = callable(lr) and not isinstance(lr, (Tensor, dict))
+        self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
+        self._clip = grad_clipping(grad_clip_norm, grad_clip_value)  # stateless pieces, applied to grads first
 
     def __repr__(self) -> str:
         lr = "{per-param}" if isinstance(self.lr, dict) else "<schedule>" if self._scheduled else self.lr
         return (
             f"SGD(lr={lr}, momentum={self.momentum}, dampening={self.dampening}, "
-            f"weight_decay={self.weight_decay}, nesterov={self.nesterov}, maximize={self.maximize})"
+            f"weight_decay={self.weight_decay}, nesterov={self.nesterov}, maximize={self.maximize}"
+            + "".join(f", {k}={getattr(self, k)}" for k in ("grad_clip_norm", "grad_clip_value") if getattr(self, k) is not None)
+            + ")"
         )
 
     def as_chain(self) -> Chained:
@@ -123,7 +130,7 @@ class SGD:
             >>> torch.allclose(opt.step(p, g, opt.init(p))[0]["w"], ref.step(p, g, ref.init(p))[0]["w"])
             True
         """
-        tx = [T.scale(-1.0)] if self.maximize else []
+        tx = list(self._clip) + ([T.scale(-1.0)] if self.maximize else [])
         if self._use_wd:
             tx.append(T.add_decayed_weights(self.weight_decay))
         if self._use_momentum:
@@ -146,6 +153,8 @@ class SGD:
     def step(self, params: Params, grads: Grads, state: SGDState) -> tuple[Params, SGDState]:
         """One SGD step, out of place. See the class docstring for the rule."""
         check_inputs(params, grads)
+        for clip in self._clip:
+            grads, _ = clip.update(dict(grads), T.EmptyState(), params)
         new_params: Params = {}
         new_bufs: dict[str, Tensor] = {}
         momentum, nesterov = self.momentum, self.nesterov

@@ -129,3 +129,25 @@ def test_public_names():
     for name in optim.__all__:
         assert hasattr(optim, name)
     assert callable(Adafactor.from_transformers) and callable(Adafactor.paper)
+
+
+@pytest.mark.parametrize("name", [n for n in optim.names() if n != "adafactor_transformers"])
+def test_gradient_clipping_for_every_preset(name):
+    # clip value then global norm, then the preset's rule on the clipped grads.
+    shapes = {"w": (3, 4), "v": (4, 2)}
+    gen = torch.Generator().manual_seed(0)
+    p = {k: torch.randn(s, dtype=torch.float64, generator=gen) for k, s in shapes.items()}
+    g = {k: 3.0 * torch.randn(s, dtype=torch.float64, generator=gen) for k, s in shapes.items()}
+    extra = {"ns_dtype": None} if name == "muon" else {}
+    clipped_opt = optim.get(name, grad_clip_norm=2.0, grad_clip_value=4.0, **extra)
+    plain = optim.get(name, **extra)
+    g_clip = {k: v.clamp(-4.0, 4.0) for k, v in g.items()}
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in g_clip.values()]))
+    g_clip = {k: v * min(1.0, 2.0 / (float(total) + 1e-6)) for k, v in g_clip.items()}
+    a, _ = clipped_opt.step(p, g, clipped_opt.init(p))
+    b, _ = plain.step(p, g_clip, plain.init(p))
+    for k in shapes:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-13, atol=1e-15)
+    assert "grad_clip_norm=2.0" in repr(clipped_opt)
+    with pytest.raises(ValueError, match="grad_clip_norm should be > 0 or None but is: -1"):
+        optim.get(name, grad_clip_norm=-1)
