@@ -140,9 +140,10 @@ def _pow(base: Any, t: Tensor) -> Tensor:
 
 def _axpby(a: Any, x: Tensor, b: Any, y: Tensor) -> Tensor:
     """``a x + b y`` with Python-float coefficients folded into one kernel where possible."""
+    ax = x if is_number(a) and a == 1 else a * x
     if is_number(b):
-        return torch.add(a * x, y, alpha=b) if b != 1 else a * x + y
-    return a * x + b * y
+        return torch.add(ax, y, alpha=b) if b != 1 else ax + y
+    return ax + b * y
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -154,7 +155,7 @@ def _sqrt(x: Tensor) -> Tensor:
     away from 0 (finite derivatives of every order); the outer one selects 0 there.
     """
     pos = x > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, 1.0)), 0.0)
 
 
 def identity() -> GradientTransformation:
