@@ -3,7 +3,8 @@
 Times one meta-iteration (adapt every task, query losses, backward) of ``metaopt.MAML`` on
 the benchmark workloads with SGD and with every preset of ``metaopt.optim`` as the inner
 optimizer (``--inner`` selects), and prints time and memory ratios against SGD; Adafactor's
-line shows its targets (at most 1.1x SGD's time, 1.3x its memory). Muon is left out by
+line shows its targets on the Omniglot workloads (at most 1.1x SGD's time, 1.3x its memory;
+on the tiny sinusoid MLP the per-op overhead dominates and no target is set). Muon is left out by
 default: it takes 2-D params only, and the MLP/Conv4 have 1-D biases and 4-D kernels.
 
 The workloads, models and data are ``metaopt bench``'s (:mod:`metaopt.bench.workloads`):
@@ -112,11 +113,12 @@ def report(workload: str, mode: str, res: dict[str, dict[str, float]]) -> None:
     for name, r in res.items():
         line = f"[{workload} {mode}] {name:18s} {r['time'] * 1e3:8.1f} ms/iter"
         if name != "sgd":
-            line += f" ({r['time'] / base['time']:.2f}x sgd" + (f", target <= {TIME_TARGET}x)" if name == "adafactor" else ")")
+            targeted = name == "adafactor" and workload.startswith("O")  # the targets are set on Omniglot
+            line += f" ({r['time'] / base['time']:.2f}x sgd" + (f", target <= {TIME_TARGET}x)" if targeted else ")")
         if not math.isnan(r["memory"]):
             line += f", saved tensors {r['memory'] / 2**20:8.2f} MiB"
             if name != "sgd":
-                line += f" ({r['memory'] / base['memory']:.2f}x sgd" + (f", target <= {MEMORY_TARGET}x)" if name == "adafactor" else ")")
+                line += f" ({r['memory'] / base['memory']:.2f}x sgd" + (f", target <= {MEMORY_TARGET}x)" if targeted else ")")
         print(line, flush=True)
 
 
