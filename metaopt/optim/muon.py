@@ -8,7 +8,7 @@ second-order MAML can differentiate through them.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -77,7 +77,7 @@ def test_gradcheck_wrt_grads_and_state(name):
 
     # Adadelta's accumulators are ~1e-6 after one step, the size of gradcheck's default
     # finite-difference step: use a smaller one there.
-    assert gradcheck(f, g1 + state_leaves, eps=1e-9 if name == "adadelta" else 1e-6, atol=1e-5 if name == "adadelta" else 1e-5)
+    assert gradcheck(f, g1 + state_leaves, eps=1e-9 if name == "adadelta" else 1e-6, atol=1e-5)
 
 
 def test_meta_sgd_dict_lr_receives_gradients():
