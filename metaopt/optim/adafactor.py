@@ -484,8 +484,7 @@ class Adafactor:
         """One Adafactor step, out of place. See the class docstring for the rule."""
         check_inputs(params, grads)
         floor = not self._eps_inside  # torch: floors on mean(R) and V; transformers: eps1 in g^2
-        eps1, eps2 = self.eps
-        d = self.d
+        eps1 = self.eps[0]
         grads = dict(grads)
         for k, g in grads.items():
             dtype = self._compute_dtype(g.dtype)
