@@ -1,9 +1,11 @@
-"""Microbenchmark: cost of the inner optimizer in second-order MAML, Adafactor vs SGD.
+"""Microbenchmark: cost of each inner optimizer in second-order MAML, against SGD.
 
 Times one meta-iteration (adapt every task, query losses, backward) of ``metaopt.MAML`` on
-the benchmark workloads (metaopt.bench.workloads) with SGD and with Adafactor as the inner optimizer,
-and prints time and memory ratios against SGD next to the targets (Adafactor at most 1.2x
-SGD's time and 1.3x its memory).
+the benchmark workloads with SGD and with every preset of ``metaopt.optim`` as the inner
+optimizer (``--inner`` selects), and prints time and memory ratios against SGD; Adafactor's
+line shows its targets on the Omniglot workloads (at most 1.1x SGD's time, 1.3x its memory;
+on the tiny sinusoid MLP the per-op overhead dominates and no target is set). Muon is left out by
+default: it takes 2-D params only, and the MLP/Conv4 have 1-D biases and 4-D kernels.
 
 The workloads, models and data are ``metaopt bench``'s (:mod:`metaopt.bench.workloads`):
 - ``S1``/``S5``: MLP 1-40-40-1, sinusoid 10 support + 10 query, 25 tasks, 1/5 steps.
@@ -20,6 +22,7 @@ engine reports none.
     python experiments/bench_optim.py --repeats 20
     python experiments/bench_optim.py --workloads O1 --modes loop --repeats 3
     python experiments/bench_optim.py --compile   # adds Adafactor with a compiled step
+    python experiments/bench_optim.py --inner adam,lion --workloads O1
 """
 
 from __future__ import annotations
@@ -37,7 +40,14 @@ import metaopt
 from metaopt import optim
 from metaopt.bench.workloads import WORKLOADS, make_batch, make_model
 
-TIME_TARGET, MEMORY_TARGET = 1.2, 1.3  # Adafactor / SGD
+TIME_TARGET, MEMORY_TARGET = 1.1, 1.3  # Adafactor / SGD
+
+# The presets' learning rates for the benchmark (timing does not depend on them much; these
+# keep the adapted losses finite). SGD uses the workload's own rate.
+BENCH_LRS = {"adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3, "adagrad": 1e-2, "adafactor": 1e-2, "adamax": 2e-3,
+             "nadam": 2e-3, "radam": 1e-3, "adadelta": 1.0, "lion": 1e-4}
+DEFAULT_INNER = ["adafactor", "adafactor_transformers", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam",
+                 "radam", "adadelta", "lion"]
 
 
 def saved_bytes(maml: metaopt.MAML, batch: metaopt.tasks.TaskBatch) -> int:
@@ -56,18 +66,18 @@ def saved_bytes(maml: metaopt.MAML, batch: metaopt.tasks.TaskBatch) -> int:
 
 def bench(
     workload: str, mode: str, repeats: int, tasks: Optional[int] = None, compile_step: bool = False,
-    seed: int = 0,
+    seed: int = 0, inner: Optional[list[str]] = None,
 ) -> dict[str, dict[str, float]]:
-    """Median seconds per meta-iteration and saved bytes, per inner optimizer."""
+    """Median seconds per meta-iteration and saved bytes, per inner optimizer (``inner``:
+    registry names, default every preset but Muon; SGD is always timed as the baseline)."""
     w = WORKLOADS[workload]
     if tasks is not None:
         w = replace(w, meta_batch=tasks)
     model, batch = make_model(w, seed=seed), make_batch(w, seed=seed)
-    opts: dict[str, Any] = {
-        "sgd": optim.SGD(lr=w.inner_lr),
-        "adafactor": optim.Adafactor(lr=0.01),
-        "adafactor_hf": optim.Adafactor.from_transformers(),
-    }
+    opts: dict[str, Any] = {"sgd": optim.SGD(lr=w.inner_lr)}
+    for name in DEFAULT_INNER if inner is None else inner:
+        if name != "sgd":
+            opts[name] = optim.get(name, **({"lr": BENCH_LRS[name]} if name in BENCH_LRS else {}))
     if compile_step:
         # Dynamo's recompile limit (8) is per code object, i.e. shared by every Adafactor.step
         # in the process; past it the step silently runs eager. Start each benchmark afresh.
@@ -103,11 +113,12 @@ def report(workload: str, mode: str, res: dict[str, dict[str, float]]) -> None:
     for name, r in res.items():
         line = f"[{workload} {mode}] {name:18s} {r['time'] * 1e3:8.1f} ms/iter"
         if name != "sgd":
-            line += f" ({r['time'] / base['time']:.2f}x sgd, target <= {TIME_TARGET}x)"
+            targeted = name == "adafactor" and workload.startswith("O")  # the targets are set on Omniglot
+            line += f" ({r['time'] / base['time']:.2f}x sgd" + (f", target <= {TIME_TARGET}x)" if targeted else ")")
         if not math.isnan(r["memory"]):
             line += f", saved tensors {r['memory'] / 2**20:8.2f} MiB"
             if name != "sgd":
-                line += f" ({r['memory'] / base['memory']:.2f}x sgd, target <= {MEMORY_TARGET}x)"
+                line += f" ({r['memory'] / base['memory']:.2f}x sgd" + (f", target <= {MEMORY_TARGET}x)" if targeted else ")")
         print(line, flush=True)
 
 
@@ -119,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tasks", type=int, default=None, help="override the workload's meta-batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also time Adafactor with torch.compile'd step")
+    parser.add_argument("--inner", default=",".join(DEFAULT_INNER), help="comma-separated metaopt.optim names")
     args = parser.parse_args(argv)
     for flag in ("repeats", "tasks", "threads"):
         value = getattr(args, flag)
@@ -131,10 +143,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     for mode in modes:
         if mode not in ("loop", "vmap"):
             parser.error(f"unknown mode {mode!r}; known: loop, vmap")
+    inner = [n for n in args.inner.split(",") if n]
+    for name in inner:
+        if name not in optim.names():
+            parser.error(f"unknown inner optimizer {name!r}; known: {optim.names()}")
     torch.set_num_threads(args.threads)
     for workload in workloads:
         for mode in modes:
-            report(workload, mode, bench(workload, mode, args.repeats, args.tasks, args.compile))
+            report(workload, mode, bench(workload, mode, args.repeats, args.tasks, args.compile, inner=inner))
 
 
 if __name__ == "__main__":

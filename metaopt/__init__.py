@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from metaopt import models, optim, tasks
 from metaopt.maml import MAML, MetaLossOutput, default_vectorize
 from metaopt.models import MLP, BatchNorm, Conv4
-from metaopt.optim import SGD, Adafactor, InnerOptimizer
+from metaopt.optim import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, InnerOptimizer, Lion, Muon, NAdam, RAdam, RMSprop
 from metaopt.optim.learned import MetaSGD, per_parameter_lr
 from metaopt.tasks import Omniglot, Sinusoid, TaskBatch
 from metaopt.types import Buffers, Grads, Params, State
@@ -51,6 +51,16 @@ __all__ = [
     "VerifyReport",
     "SGD",
     "Adafactor",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Lion",
+    "Muon",
     "MetaSGD",
     "per_parameter_lr",
     "InnerOptimizer",

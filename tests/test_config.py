@@ -88,9 +88,9 @@ BAD = [
     ({"inner": {"lr": -0.1}}, "inner.lr"),
     ({"inner": {"lr": "fast"}}, "inner.lr"),
     ({"inner": {"first_order": "no way"}}, "inner.first_order"),
-    ({"inner": {"name": "adamax"}}, "inner.name"),
+    ({"inner": {"name": "adamz"}}, "inner.name"),
     ({"inner": {"beta2_decay": -0.5}}, "inner.beta2_decay"),  # not an SGD argument
-    ({"inner": {"momentum": -1.0}}, "Momentum should be >= 0"),
+    ({"inner": {"momentum": -1.0}}, "Invalid momentum value"),
     ({"inner": {"name": "adafactor", "beta2_decay": 0.5}}, "beta2_decay should be <= 0"),
     ({"outer": {"name": "lion"}}, "outer.name"),
     ({"outer": {"lr": -1}}, "outer.lr"),

@@ -1,6 +1,10 @@
 """Functional, differentiable inner optimizers: ``init(params) -> state``,
 ``step(params, grads, state) -> (params, state)``.
 
+Presets reproduce torch.optim step by step under torch's names, arguments and defaults
+(plus Lion from ``lion-pytorch``); they are built from the composable pure transforms of
+:mod:`metaopt.optim.transforms` (optax style), wrapped by :class:`Chained`.
+
 Example:
     >>> import torch
     >>> from metaopt import optim
@@ -10,23 +14,42 @@ Example:
     >>> params["w"]
     tensor([0.5000, 0.5000])
     >>> optim.names()
-    ['adafactor', 'adafactor_hf', 'adafactor_paper', 'adafactor_torch', 'adafactor_transformers', 'sgd']
+    ['adadelta', 'adafactor', 'adafactor_transformers', 'adagrad', 'adam', 'adamax', 'adamw', 'lion', 'muon', 'nadam', 'radam', 'rmsprop', 'sgd']
 """
 
+from metaopt.optim import transforms
 from metaopt.optim.adafactor import Adafactor, AdafactorState
+from metaopt.optim.adam import Adam, Adamax, AdamW, NAdam, RAdam
 from metaopt.optim.base import InnerOptimizer
-from metaopt.optim.registry import factory, get, names, register, unregister
+from metaopt.optim.chain import Chained
+from metaopt.optim.lion import Lion
+from metaopt.optim.muon import Muon
+from metaopt.optim.registry import allowed_kwargs, factory, get, names, register, unregister
+from metaopt.optim.rmsprop import Adadelta, Adagrad, RMSprop
 from metaopt.optim.sgd import SGD, SGDState
 
 __all__ = [
+    "Adadelta",
     "Adafactor",
     "AdafactorState",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Chained",
     "InnerOptimizer",
+    "Lion",
+    "Muon",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
     "SGD",
     "SGDState",
+    "allowed_kwargs",
     "factory",
     "get",
     "names",
     "register",
+    "transforms",
     "unregister",
 ]

@@ -79,3 +79,52 @@ def per_param(h: HyperParam, key: str) -> float | Tensor:
         except KeyError:
             raise ValueError(f"per-parameter hyperparameter has no entry for {key!r}; keys: {sorted(h)}") from None
     return h
+
+
+def check_lr(lr: Any, message: str = "Invalid learning rate: {}") -> None:
+    """Validate a learning rate the way torch.optim does, plus the forms metaopt adds.
+
+    Allowed: a number >= 0; a floating tensor with one element (torch: "Tensor lr must be
+    1-element"); a dict of such values or of broadcastable tensors keyed like params
+    (Meta-SGD); a callable schedule ``f(count) -> lr`` (checked when called, not here).
+    """
+    if callable(lr) and not isinstance(lr, (Tensor, dict)):
+        return
+    check_hyper(lr, "lr", allow_dict=True)
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if isinstance(lr, dict):
+        for k, v in lr.items():
+            check_ge(v, 0.0, message + f" (lr[{k!r}])")
+    else:
+        check_ge(lr, 0.0, message)
+
+
+def check_range(x: Any, low: float, high: float, message: str, *, closed_high: bool = False) -> None:
+    """Raise ``ValueError(message.format(x))`` unless ``low <= x < high`` (``<= high`` if
+    ``closed_high``); numbers, and tensors outside transforms (a construction-time sync)."""
+    check_ge(x, low, message)
+    if is_number(x):
+        ok = x <= high if closed_high else x < high
+    elif isinstance(x, Tensor) and not _is_wrapped(x) and x.numel():
+        v = x.detach()
+        ok = bool((v <= high).all()) if closed_high else bool((v < high).all())
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(message.format(x.detach().tolist() if isinstance(x, Tensor) and x.numel() == 1 else x))
+
+
+def first_device(params: Params) -> torch.device | None:
+    """Device of the first param (None for an empty dict): where step counters live."""
+    ref = next(iter(params.values()), None)
+    return None if ref is None else ref.device
+
+
+def cast_hyper(h: Any, like: Tensor) -> Any:
+    """A hyperparameter in ``like``'s dtype: numbers stay Python numbers (exact, no kernel);
+    tensors are cast (differentiably) so a float32 ``lr`` on float64 params is computed in
+    float64, like torch, which reads a tensor ``lr`` as a Python float."""
+    if isinstance(h, Tensor) and h.dtype != like.dtype:
+        return h.to(like.dtype)
+    return h

@@ -30,7 +30,10 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import check_ge, check_hyper, check_inputs, is_number
+from metaopt.optim._util import cast_hyper, check_ge, check_hyper, check_inputs, check_lr, is_number
+from metaopt.optim import transforms as T
+from metaopt.optim.chain import Chained
+from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, Params, Scalar
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -141,10 +144,10 @@ class Adafactor:
         grad_clip_norm: Optional[float] = None,
         grad_clip_value: Optional[float] = None,
     ) -> None:
-        check_hyper(lr, "lr")
-        check_ge(lr, 0.0, "Learning rate should be >= 0 but is: {}")
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element but has shape {tuple(lr.shape)}")
+        if isinstance(lr, dict):
+            raise ValueError("Adafactor's lr must be a float, a 1-element tensor or a schedule f(count) -> lr "
+                             "(per-parameter rates: use T.adafactor chains or SGD/Adam) but is a dict")
+        check_lr(lr, "Learning rate should be >= 0 but is: {}")
         check_ge(-beta2_decay, 0.0, f"beta2_decay should be <= 0 but is: {beta2_decay}")
         eps1, eps2 = _check_eps(eps)
         if eps1 is not None:
@@ -222,8 +225,9 @@ class Adafactor:
         if lr is None and not relative_step:
             raise ValueError("`relative_step=False` requires a learning rate `lr` but lr is: None")
         if lr is not None:
-            check_hyper(lr, "lr")
-            check_ge(lr, 0.0, "Learning rate should be >= 0 but is: {}")
+            if isinstance(lr, dict):
+                raise ValueError("Adafactor's lr must be a float, a 1-element tensor or a schedule but is a dict")
+            check_lr(lr, "Learning rate should be >= 0 but is: {}")
         eps1, eps2 = _check_eps(eps)
         if eps1 is None:
             raise ValueError("epsilon1 must be a float for the transformers flavour but is: None")
@@ -252,7 +256,7 @@ class Adafactor:
         ``rho_t = min(1e-2, 1/sqrt(t))``, parameter-scaled steps (``eps2 = 1e-3``),
         ``beta2_t = 1 - t^-0.8``, ``eps1 = 1e-30`` added to ``g^2``, update clipping at
         ``d = 1``. Equal to ``transformers``' Adafactor with its defaults.
-        Registry name: ``"adafactor_paper"``.
+        Also reachable by name: ``get("adafactor_transformers")`` with its defaults.
 
         Args:
             **extensions: ``maximize``, ``factored``, ``min_dim_size_to_factor``,
@@ -288,6 +292,18 @@ class Adafactor:
                 if is_number(v) and not v > 0:
                     raise ValueError(f"{name} should be > 0 or None but is: {v}")
         self.flavour = flavour
+        # The two references differ in four places; each is one switch, decided here once
+        # (the step reads these, never the flavour name):
+        torch_rule = flavour == "torch"
+        # eps1 floors mean(R) and V (torch) or is added to g^2 (transformers)
+        self._eps_inside = not torch_rule
+        # half-precision params are updated in float32 (transformers) or in their dtype
+        self._half_in_float32 = not torch_rule
+        # weight decay p (1 - lr wd) (torch) or p (1 - wd alpha_t) (transformers)
+        self._decay_by_step_size = not torch_rule
+        # step size rho_t: min(lr, 1/sqrt t) (torch), min(1e-2, 1/sqrt t) (transformers'
+        # relative step), min(1e-6 t, 1/sqrt t) (its warm-up), or lr (relative_step=False)
+        self._rho_rule = "min_lr" if torch_rule else "fixed" if not relative_step else "warmup" if warmup_init else "relative"
         self.lr = lr
         self.beta2_decay = float(beta2_decay)
         self.eps = (eps1, eps2)
@@ -322,6 +338,69 @@ class Adafactor:
                 args += f", {name}={value}"
         return f"Adafactor({args})"
 
+    def as_chain(self) -> Chained:
+        """The same rule as a chain of :mod:`~metaopt.optim.transforms` (optax's shape).
+
+        ``step`` fuses update clipping, parameter scaling and the relative step into one
+        batched scale per param (fewer kernels: the inner loop's cost); this chain is the
+        readable specification it is tested against (equal to 1e-12 in float64).
+
+        Example:
+            >>> import torch
+            >>> opt = Adafactor(lr=0.1, weight_decay=0.1)
+            >>> p, g = {"w": torch.randn(3, 4, dtype=torch.float64)}, {"w": torch.randn(3, 4, dtype=torch.float64)}
+            >>> ref = opt.as_chain()
+            >>> torch.allclose(opt.step(p, g, opt.init(p))[0]["w"], ref.step(p, g, ref.init(p))[0]["w"], rtol=1e-12)
+            True
+        """
+        torch_rule = not self._eps_inside
+        eps1, eps2 = self.eps
+        tx = [T.scale(-1.0)] if self.maximize else []
+        if self.grad_clip_value is not None:
+            tx.append(T.clip(self.grad_clip_value))
+        if self.grad_clip_norm is not None:
+            tx.append(T.clip_by_global_norm(self.grad_clip_norm))
+        tx += [
+            T.scale_by_factored_rms(self.beta2_decay, eps1, eps_inside=not torch_rule, factored=self.factored,
+                                    min_dim_size_to_factor=self.min_dim_size_to_factor),
+            T.clip_by_block_rms(self.d),
+        ]
+        if self.scale_parameter:
+            tx.append(T.scale_by_param_block_rms(eps2))
+        tx.append(self._scale_by_step_size())
+        if self.beta1 is not None:
+            tx.append(T.ema(self.beta1))
+        tx.append(T.scale(-1.0))
+        if self._use_wd:
+            tx.append(self._hf_decay() if self._decay_by_step_size else T.add_decoupled_weight_decay(self.lr, self.weight_decay))
+        return Chained(T.chain(*tx))
+
+    def _scale_by_step_size(self) -> T.GradientTransformation:
+        """``u = rho_t u`` (torch: ``min(lr, 1/sqrt(t))``; transformers: see ``_step_scalars``)."""
+
+        def update(updates, state, params):
+            rho = {}
+            for u in updates.values():
+                if u.dtype not in rho:
+                    rho[u.dtype] = self._step_scalars(state.count, u.dtype)[1]
+            return {k: u * rho[u.dtype] for k, u in updates.items()}, T.CountState(state.count + 1)
+
+        return T.GradientTransformation(lambda params: T.CountState(T._count(params)), update)
+
+    def _hf_decay(self) -> T.GradientTransformation:
+        """transformers' decay ``p -= weight_decay * alpha_t * p``, ``alpha_t = rho_t max(eps2, RMS(p))``."""
+
+        def update(updates, state, params):
+            out = {}
+            for k, u in updates.items():
+                alpha = self._step_scalars(state.count, u.dtype)[1]
+                if self.scale_parameter:
+                    alpha = alpha * torch.clamp(T._rms(params[k]), min=self.eps[1])
+                out[k] = u - (self.weight_decay * alpha) * params[k]
+            return out, T.CountState(state.count + 1)
+
+        return T.GradientTransformation(lambda params: T.CountState(T._count(params)), update)
+
     # ----------------------------------------------------------------------------------
     # Pieces
     # ----------------------------------------------------------------------------------
@@ -344,7 +423,7 @@ class Adafactor:
 
     def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         # transformers updates half-precision params in float32.
-        return torch.float32 if self.flavour == "transformers" and dtype in _HALF else dtype
+        return torch.float32 if self._half_in_float32 and dtype in _HALF else dtype
 
     def init(self, params: Params) -> AdafactorState:
         """Zero second moments: ``(..., n, 1)`` and ``(..., 1, m)`` per factored param."""
@@ -377,7 +456,9 @@ class Adafactor:
             v = self.grad_clip_value
             grads = {k: g.clamp(-v, v) for k, g in grads.items()}
         if self.grad_clip_norm is not None and grads:
-            norms = torch.stack([torch.linalg.vector_norm(g).to(torch.float32) for g in grads.values()])
+            # norms in the grads' dtype (float32 for half precision), as clip_grad_norm_
+            dtype = torch.promote_types(torch.float32, next(iter(grads.values())).dtype)
+            norms = torch.stack([torch.linalg.vector_norm(g).to(dtype) for g in grads.values()])
             total = torch.linalg.vector_norm(norms)
             coef = torch.clamp(self.grad_clip_norm / (total + 1e-6), max=1.0)  # (,)
             grads = {k: g * coef.to(g.dtype) for k, g in grads.items()}
@@ -388,23 +469,22 @@ class Adafactor:
         t = (count + 1).to(dtype)
         w = torch.pow(t, self.beta2_decay)
         inv_sqrt_t = torch.rsqrt(t)
-        if self.flavour == "torch":
-            rho = _minimum(inv_sqrt_t, self.lr)
-        elif not self.relative_step:
-            lr = self.lr
-            rho = lr.to(dtype) if isinstance(lr, Tensor) else torch.full_like(t, lr)
-        elif self.warmup_init:
+        lr = self._lr_now(count, t)
+        if self._rho_rule == "min_lr":
+            rho = _minimum(inv_sqrt_t, lr)
+        elif self._rho_rule == "fixed":
+            rho = lr if isinstance(lr, Tensor) else torch.full_like(t, lr)
+        elif self._rho_rule == "warmup":
             rho = torch.minimum(t * 1e-6, inv_sqrt_t)
-        else:
+        else:  # "relative"
             rho = torch.clamp(inv_sqrt_t, max=1e-2)
         return w, rho
 
     def step(self, params: Params, grads: Grads, state: AdafactorState) -> tuple[Params, AdafactorState]:
         """One Adafactor step, out of place. See the class docstring for the rule."""
         check_inputs(params, grads)
-        torch_flavour = self.flavour == "torch"
-        eps1, eps2 = self.eps
-        d = self.d
+        floor = not self._eps_inside  # torch: floors on mean(R) and V; transformers: eps1 in g^2
+        eps1 = self.eps[0]
         grads = dict(grads)
         for k, g in grads.items():
             dtype = self._compute_dtype(g.dtype)
@@ -422,7 +502,7 @@ class Adafactor:
             w, _ = scalars[dtype]
             e1 = torch.finfo(dtype).eps if eps1 is None else eps1
             g2 = torch.square(g)
-            if not torch_flavour:
+            if not floor:
                 g2 = g2 + e1  # transformers: eps1 inside the averages
             if k in state.row:
                 a, b = self.factored_dims(g.shape)
@@ -430,13 +510,13 @@ class Adafactor:
                 c = torch.lerp(state.col[k], _mean(g2, a), w)  # (..., 1, m)
                 new_row[k], new_col[k] = r, c
                 r_mean = _mean(r, a)  # (..., 1, 1)
-                if torch_flavour:
+                if floor:
                     r_mean = r_mean.clamp(min=e1)
                 v = (r / r_mean) * c  # (..., n, m) = R C / mean(R)
             else:
                 v = torch.lerp(state.variance[k], g2, w)
                 new_var[k] = v
-            if torch_flavour:
+            if floor:
                 v = v.clamp(min=e1 * e1)
             updates[k] = torch.rsqrt(v) * g
 
@@ -475,7 +555,7 @@ class Adafactor:
                 p_scale = self._const(sqrt_n, norm_u)
             scale = scale * p_scale
             if self._use_wd:
-                decay = self._decay(p_scale, rho, sqrt_n)  # (P,) or scalar multiplier of p
+                decay = self._decay(p_scale, rho, sqrt_n, state.count)  # (P,) or scalar multiplier of p
             for i, (k, s) in enumerate(zip(keys, scale.unbind(0))):
                 p = p32[k]
                 if self._use_wd:
@@ -499,11 +579,17 @@ class Adafactor:
             out = cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
         return out
 
-    def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float]) -> Any:
+    def _lr_now(self, count: Tensor, like: Tensor) -> Any:
+        """``lr`` at this step (a schedule is called with the count), 0-d, in ``like``'s dtype."""
+        return lr_at(self.lr, "", count, like)
+
+    def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float], count: Tensor) -> Any:
         """Multiplier of ``p`` for weight decay: ``1 - lr wd`` (torch), ``1 - wd alpha_t`` (HF)."""
         wd = self.weight_decay
-        if self.flavour == "torch":
-            return 1.0 - self.lr * wd
+        if not self._decay_by_step_size:
+            # lr and wd in the params' dtype (a float32 tensor lr with float64 params would
+            # otherwise round 1 - lr wd to float32); a (1,) lr is viewed 0-d.
+            return 1.0 - self._lr_now(count, p_scale) * cast_hyper(wd, p_scale)
         inv_sqrt_n = self._const([1.0 / s for s in sqrt_n], p_scale)
         alpha = p_scale * inv_sqrt_n * rho if self.scale_parameter else rho
         return 1.0 - wd * alpha
@@ -538,3 +624,6 @@ def _check_eps(eps: Any) -> tuple[Optional[float], float]:
         check_hyper(eps1, "eps[0]")
     check_hyper(eps2, "eps[1]")
     return eps1, eps2
+
+
+Adafactor.from_transformers.__func__.extension_kwargs = _EXTENSIONS  # for optim.get's check

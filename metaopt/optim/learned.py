@@ -1,5 +1,9 @@
 """Learned inner learning rates: Meta-SGD (per parameter) and MAML++ (per layer, per step).
 
+Any preset takes them: a dict from :func:`per_parameter_lr` is a per-parameter ``lr``
+(``Adam(lr=per_parameter_lr(model))``), and :func:`per_step_lr` is a schedule indexed by the
+inner step (``RMSprop(lr=per_step_lr(model, steps=5))``, MAML++'s LSLR for any rule).
+
 The rates are ``nn.Parameter``s held by the optimizer; :class:`metaopt.MAML` finds and
 registers them, so ``maml.parameters()`` hands them to the outer optimizer with the model's
 weights and ``maml.state_dict()`` checkpoints them.
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 from metaopt.optim._util import check_inputs
 from metaopt.types import Grads, Params
 
-__all__ = ["MetaSGD", "MetaSGDState", "per_parameter_lr"]
+__all__ = ["MetaSGD", "MetaSGDState", "PerStep", "per_parameter_lr", "per_step_lr"]
 
 Granularity = Literal["element", "tensor"]
 
@@ -176,3 +180,70 @@ class MetaSGD:
                 lr = torch.index_select(lr, 0, index.to(lr.device)).squeeze(0)
             new[k] = p - lr * grads[k]
         return new, MetaSGDState(state.count + 1)
+
+
+class PerStep:
+    """A learning-rate schedule from learned per-step rates: ``lr(count) = {k: rates[k][min(count, S-1)]}``.
+
+    ``rates[k]`` has a leading dimension of size ``S`` (one rate per inner step); the rest
+    broadcasts to the param (``()`` per layer, the param's shape per element). Indexing is a
+    tensor op on the counter: no host sync, differentiable w.r.t. the rates, vmappable.
+    The rates are held here as ``nn.Parameter``s, so :class:`metaopt.MAML` finds them.
+
+    Args:
+        rates: ``{name: Tensor}`` with leading dimension ``steps``.
+        steps: that size.
+
+    Example:
+        >>> import torch
+        >>> from metaopt.optim import Adam
+        >>> lr = PerStep({"w": torch.tensor([0.1, 0.01])}, steps=2)
+        >>> opt = Adam(lr=lr)
+        >>> p = {"w": torch.zeros(1)}
+        >>> s = opt.init(p)
+        >>> p1, s = opt.step(p, {"w": torch.ones(1)}, s)
+        >>> p2, s = opt.step(p1, {"w": torch.ones(1)}, s)
+        >>> p1["w"], p2["w"] - p1["w"]
+        (tensor([-0.1000]), tensor([-0.0100]))
+    """
+
+    def __init__(self, rates: dict[str, Tensor], steps: int) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1 but is: {steps!r}")
+        if not isinstance(rates, dict) or not all(isinstance(v, Tensor) for v in rates.values()):
+            raise TypeError(f"rates must be a dict of tensors keyed like params but is: {type(rates).__name__}")
+        for k, v in rates.items():
+            if not torch.is_floating_point(v):
+                raise ValueError(f"rates[{k!r}] must be a floating-point tensor but has dtype {v.dtype}")
+            if v.dim() == 0 or v.shape[0] != steps:
+                raise ValueError(
+                    f"with steps={steps}, rates[{k!r}] needs a leading dimension of size {steps} "
+                    f"but has shape {tuple(v.shape)}"
+                )
+        self.rates = rates
+        self.steps = steps
+
+    def __call__(self, count: Tensor) -> dict[str, Tensor]:
+        index = torch.clamp(count, max=self.steps - 1).reshape(1)  # (1,)
+        return {k: torch.index_select(v, 0, index.to(v.device)).squeeze(0) for k, v in self.rates.items()}
+
+    def __repr__(self) -> str:
+        return f"PerStep({{{len(self.rates)} learned rates}}, steps={self.steps})"
+
+
+def per_step_lr(
+    params_or_model: Union[nn.Module, Params], init: float = 0.01, *, steps: int,
+    granularity: Granularity = "tensor",
+) -> PerStep:
+    """Learnable per-step rates for any preset (MAML++'s LSLR, Antoniou et al. 2019):
+    ``PerStep(per_parameter_lr(..., steps=steps), steps)``; ``granularity="tensor"`` (one rate
+    per layer and step) by default.
+
+    Example:
+        >>> import torch
+        >>> from metaopt.optim import RMSprop
+        >>> opt = RMSprop(lr=per_step_lr({"w": torch.zeros(3)}, 0.01, steps=5))
+        >>> opt.lr.rates["w"].shape
+        torch.Size([5])
+    """
+    return PerStep(per_parameter_lr(params_or_model, init, granularity=granularity, steps=steps), steps)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import check_ge, check_hyper, check_inputs, is_number, per_param
+from metaopt.optim._util import check_ge, check_hyper, check_inputs, check_lr, cast_hyper, is_number
+from metaopt.optim import transforms as T
+from metaopt.optim.chain import Chained, grad_clipping
+from metaopt.optim.transforms import lr_at
 from metaopt.types import Grads, HyperParam, Params, Scalar
 
 
@@ -35,9 +38,14 @@ class SGD:
         g = g + momentum * b_t  if nesterov else b_t    (when momentum != 0)
         p = p - lr * g
 
-    ``lr`` may be a float, a tensor (e.g. an ``nn.Parameter`` learned by MAML) or a dict of
-    tensors keyed like params, each broadcastable to its param (Meta-SGD's per-parameter
-    rates). Any other hyperparameter may also be a 0-dim tensor.
+    ``lr`` (default 1e-3, as torch) may be a float, a 1-element tensor (e.g. an
+    ``nn.Parameter`` learned by MAML; viewed 0-d and cast to each param's dtype, so a
+    ``(1,)`` rate keeps a 0-d param 0-d), a dict of tensors keyed like params, each
+    broadcastable to its param (Meta-SGD's per-parameter rates), or a schedule
+    ``f(count) -> lr`` called with the 0-dim int64 count of steps taken (e.g.
+    :class:`~metaopt.optim.learned.PerStep`). Any other hyperparameter may also be a
+    0-dim tensor. Keyword-only ``grad_clip_norm`` / ``grad_clip_value`` clip the grads first
+    (:func:`~metaopt.optim.chain.grad_clipping`; extensions, off by default).
 
     Example:
         >>> import torch
@@ -63,24 +71,21 @@ class SGD:
 
     def __init__(
         self,
-        lr: HyperParam,
+        lr: HyperParam = 1e-3,
         momentum: Scalar = 0.0,
         dampening: Scalar = 0.0,
         weight_decay: Scalar = 0.0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        grad_clip_norm: Optional[float] = None,
+        grad_clip_value: Optional[float] = None,
     ) -> None:
-        check_hyper(lr, "lr", allow_dict=True)
+        check_lr(lr)
         for name, v in (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
             check_hyper(v, name)
-        if isinstance(lr, dict):
-            for k, v in lr.items():
-                check_ge(v, 0.0, f"Learning rate should be >= 0 but is: {{}} (lr[{k!r}])")
-        else:
-            check_ge(lr, 0.0, "Learning rate should be >= 0 but is: {}")
-        check_ge(momentum, 0.0, "Momentum should be >= 0 but is: {}")
-        check_ge(weight_decay, 0.0, "weight_decay should be >= 0 but is: {}")
+        check_ge(momentum, 0.0, "Invalid momentum value: {}")
+        check_ge(weight_decay, 0.0, "Invalid weight_decay value: {}")
         if nesterov and (
             not is_number(momentum) or momentum <= 0 or not is_number(dampening) or dampening != 0
         ):
@@ -98,13 +103,39 @@ class SGD:
         self._use_momentum = not (is_number(momentum) and momentum == 0)
         self._use_wd = not (is_number(weight_decay) and weight_decay == 0)
         self._use_dampening = not (is_number(dampening) and dampening == 0)
+        self._scheduled = callable(lr) and not isinstance(lr, (Tensor, dict))
+        self.grad_clip_norm, self.grad_clip_value = grad_clip_norm, grad_clip_value
+        self._clip = grad_clipping(grad_clip_norm, grad_clip_value)  # stateless pieces, applied to grads first
 
     def __repr__(self) -> str:
-        lr = "{per-param}" if isinstance(self.lr, dict) else self.lr
+        lr = "{per-param}" if isinstance(self.lr, dict) else "<schedule>" if self._scheduled else self.lr
         return (
             f"SGD(lr={lr}, momentum={self.momentum}, dampening={self.dampening}, "
-            f"weight_decay={self.weight_decay}, nesterov={self.nesterov}, maximize={self.maximize})"
+            f"weight_decay={self.weight_decay}, nesterov={self.nesterov}, maximize={self.maximize}"
+            + "".join(f", {k}={getattr(self, k)}" for k in ("grad_clip_norm", "grad_clip_value") if getattr(self, k) is not None)
+            + ")"
         )
+
+    def as_chain(self) -> Chained:
+        """The same rule as a chain of transforms: ``[negate] -> [g + wd p] -> [trace] -> -lr u``.
+
+        ``step`` keeps torch's operation order (bit-exact with ``torch.optim.SGD``); this
+        chain is the composable form, tested equal to it.
+
+        Example:
+            >>> import torch
+            >>> opt = SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
+            >>> p, g = {"w": torch.randn(3)}, {"w": torch.randn(3)}
+            >>> ref = opt.as_chain()
+            >>> torch.allclose(opt.step(p, g, opt.init(p))[0]["w"], ref.step(p, g, ref.init(p))[0]["w"])
+            True
+        """
+        tx = list(self._clip) + ([T.scale(-1.0)] if self.maximize else [])
+        if self._use_wd:
+            tx.append(T.add_decayed_weights(self.weight_decay))
+        if self._use_momentum:
+            tx.append(T.trace(self.momentum, self.dampening, self.nesterov))
+        return Chained(T.chain(*tx, T.scale_by_learning_rate(self.lr)))
 
     def init(self, params: Params) -> SGDState:
         """Step counter 0 and zero momentum buffers (none when ``momentum == 0``)."""
@@ -122,18 +153,21 @@ class SGD:
     def step(self, params: Params, grads: Grads, state: SGDState) -> tuple[Params, SGDState]:
         """One SGD step, out of place. See the class docstring for the rule."""
         check_inputs(params, grads)
+        for clip in self._clip:
+            grads, _ = clip.update(dict(grads), T.EmptyState(), params)
         new_params: Params = {}
         new_bufs: dict[str, Tensor] = {}
         momentum, nesterov = self.momentum, self.nesterov
         # Coefficient of the grad in the momentum buffer: 1 at the first step (torch sets
         # buf = grad), 1 - dampening afterwards. One 0-dim tensor per dtype, computed once.
         grad_coef: dict[torch.dtype, Tensor] = {}
+        lr_value = self.lr(state.count) if self._scheduled else self.lr  # a schedule: once per step
         for k, p in params.items():
             g = grads[k]
             if self.maximize:
                 g = -g
             if self._use_wd:
-                wd = self.weight_decay  # same op order as torch (float32 parity)
+                wd = cast_hyper(self.weight_decay, p)  # same op order as torch (float32 parity)
                 g = torch.add(g, p, alpha=wd) if is_number(wd) else g + wd * p
             if self._use_momentum:
                 buf = state.momentum_buffer[k]
@@ -151,7 +185,7 @@ class SGD:
                     g = torch.add(g, buf, alpha=momentum) if is_number(momentum) else g + momentum * buf
                 else:
                     g = buf
-            lr = per_param(self.lr, k)
+            lr = lr_at(lr_value, k, None, p)  # 1-element tensors viewed 0-d, cast to p's dtype
             if is_number(lr):
                 new_params[k] = torch.add(p, g, alpha=-lr)
             else:

@@ -27,7 +27,9 @@ def _load_bench():
 def test_bench_optim_smoke(capsys):
     _load_bench().main(["--workloads", "S1", "--modes", "loop,vmap", "--repeats", "1", "--tasks", "2"])
     out = capsys.readouterr().out
-    assert "[S1 loop] adafactor" in out and "x sgd" in out and "[S1 vmap] adafactor_hf" in out
+    assert "[S1 loop] adafactor" in out and "x sgd" in out and "[S1 vmap] adafactor_transformers" in out
+    for name in ("adam", "rmsprop", "lion", "nadam", "radam", "adadelta", "adagrad", "adamax", "adamw"):
+        assert f"[S1 vmap] {name} " in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,7 +7,9 @@ import importlib
 
 import pytest
 
-MODULES = ["metaopt.optim", "metaopt.optim.base", "metaopt.optim.sgd", "metaopt.optim.adafactor", "metaopt.optim.registry"]
+MODULES = ["metaopt.optim", "metaopt.optim.base", "metaopt.optim.sgd", "metaopt.optim.adafactor", "metaopt.optim.registry",
+           "metaopt.optim.transforms", "metaopt.optim.chain", "metaopt.optim.adam", "metaopt.optim.rmsprop",
+           "metaopt.optim.lion", "metaopt.optim.muon", "metaopt.optim.learned"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -8,7 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metaopt import optim
 from metaopt.optim import SGD, Adafactor
+
+from optim_helpers import presets
 
 FACTORIES = [
     lambda: SGD(lr=0.1),
@@ -20,7 +23,19 @@ FACTORIES = [
     lambda: Adafactor.paper(),
     lambda: Adafactor.from_transformers(lr=0.1, relative_step=False, beta1=0.9),
     lambda: Adafactor(grad_clip_norm=0.5, grad_clip_value=1.0),
+    # the presets without weight decay (zero grads must leave params unchanged)
+    lambda: optim.Adam(lr=0.1, amsgrad=True),
+    lambda: optim.AdamW(lr=0.1, weight_decay=0.0),
+    lambda: optim.RMSprop(centered=True, momentum=0.9),
+    lambda: optim.Adagrad(lr_decay=0.1, initial_accumulator_value=0.1),
+    lambda: optim.Adamax(),
+    lambda: optim.NAdam(),
+    lambda: optim.RAdam(),
+    lambda: optim.Adadelta(),
+    lambda: optim.Lion(lr=0.1),
 ]
+# every preset (with weight decay), Muon aside (2-D params only: see test_muon_purity)
+FACTORIES_ALL = FACTORIES + [f for name, f in presets(0.01).items() if name != "muon"]
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=4).map(tuple)
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -58,11 +73,20 @@ def test_update_clipping_bounds_rms(shape_list, d, grad_scale, seed):
         assert rms_step <= d * scale * (1 + 1e-9)
 
 
-@SETTINGS
-@given(st.lists(shapes, min_size=1, max_size=3), st.integers(0, len(FACTORIES) - 1), st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+@given(st.lists(shapes, min_size=1, max_size=3), st.integers(0, len(FACTORIES_ALL) - 1), st.integers(0, 2**16))
 def test_state_structure_fixed_and_inputs_not_mutated(shape_list, which, seed):
-    opt = FACTORIES[which]()
-    params = _tensors(shape_list, seed)
+    _check_purity(FACTORIES_ALL[which](), _tensors(shape_list, seed), seed)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=3), st.integers(0, 2**16))
+def test_muon_purity(shape_list, seed):
+    _check_purity(optim.Muon(lr=0.01, ns_dtype=None), _tensors(shape_list, seed), seed)
+
+
+def _check_purity(opt, params, seed):
+    shape_list = [p.shape for p in params.values()]
     state = opt.init(params)
     leaves0, spec0 = torch.utils._pytree.tree_flatten(state)
     meta0 = [(t.shape, t.dtype) for t in leaves0]
@@ -77,4 +101,5 @@ def test_state_structure_fixed_and_inputs_not_mutated(shape_list, which, seed):
         assert type(new_state) is type(state)
         assert {k: v.shape for k, v in new_params.items()} == {k: v.shape for k, v in params.items()}
         params, state = new_params, new_state
-    assert int(state.count) == 3
+    counts = [t for t in torch.utils._pytree.tree_leaves(state) if t.dtype == torch.int64]
+    assert counts and all(int(c) == 3 for c in counts)

@@ -78,24 +78,76 @@ def test_sgd_momentum_state_layout():
     assert SGD(lr=0.1, momentum=0.9).init(p).momentum_buffer["w"].shape == (2, 3)
 
 
+TORCH_NAMES = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adafactor", "adamax", "nadam", "radam", "adadelta", "muon"]
+
+
 def test_registry_builds_every_name():
-    expected = {"sgd", "adafactor", "adafactor_hf", "adafactor_transformers", "adafactor_paper"}
-    assert expected <= set(optim.names())
+    assert set(optim.names()) == set(TORCH_NAMES) | {"lion", "adafactor_transformers"}
     for name in optim.names():
-        opt = optim.get(name, lr=0.1) if name == "sgd" else optim.get(name)
+        opt = optim.get(name)
         assert isinstance(opt, InnerOptimizer)
-    assert optim.get("adafactor_hf", lr=0.1, relative_step=False).flavour == "transformers"
+    assert optim.get("adafactor_transformers", lr=0.1, relative_step=False).flavour == "transformers"
     assert optim.get("ADAFACTOR").flavour == "torch"
 
 
+@pytest.mark.parametrize("name", TORCH_NAMES)
+def test_registry_names_are_torch_classes_with_torch_defaults(name):
+    import inspect
+
+    ours = optim.factory(name)
+    ref = {c.__name__.lower(): c for c in vars(torch.optim).values() if isinstance(c, type)}[name]
+    ref_params = inspect.signature(ref.__init__).parameters
+    for arg, p in inspect.signature(ours).parameters.items():
+        if arg in ref_params:
+            assert p.default == ref_params[arg].default or (p.default is None and arg == "eps"), (name, arg)
+    missing = set(ref_params) - set(inspect.signature(ours).parameters) - {"self", "params", "foreach", "fused", "capturable", "differentiable"}
+    assert not missing, (name, missing)
+
+
 def test_registry_unknown_name_lists_known():
-    with pytest.raises(ValueError, match=r"'adam'.*adafactor.*sgd"):
-        optim.get("adam", lr=0.1)
-    with pytest.raises(ValueError, match="momentun"):
+    with pytest.raises(ValueError, match=r"'adamm'.*adafactor.*sgd"):
+        optim.get("adamm", lr=0.1)
+    with pytest.raises(ValueError, match=r"Unknown argument\(s\) for optimizer 'sgd': \['momentun'\]; allowed: \['lr', 'momentum'"):
         optim.get("sgd", lr=0.1, momentun=0.9)
+    with pytest.raises(ValueError, match=r"\['beta3'\]; allowed: \['lr', 'eps', 'clip_threshold'.*'grad_clip_value'\]"):
+        optim.get("adafactor_transformers", beta3=0.1)
+
+
+@pytest.mark.parametrize("old, new", [("adafactor_hf", "adafactor_transformers"), ("adafactor_paper", "adafactor_transformers"),
+                                      ("adafactor_torch", '"adafactor"')])
+def test_removed_names_say_what_replaces_them(old, new):
+    with pytest.raises(ValueError, match=f"{old}.*removed.*{new}"):
+        optim.get(old)
+
+
+def test_paper_recipe_by_kwargs():
+    a = optim.get("adafactor_transformers", relative_step=True, warmup_init=False, beta1=None, clip_threshold=1.0)
+    assert repr(a) == repr(Adafactor.paper())
 
 
 def test_public_names():
     for name in optim.__all__:
         assert hasattr(optim, name)
     assert callable(Adafactor.from_transformers) and callable(Adafactor.paper)
+
+
+@pytest.mark.parametrize("name", [n for n in optim.names() if n != "adafactor_transformers"])
+def test_gradient_clipping_for_every_preset(name):
+    # clip value then global norm, then the preset's rule on the clipped grads.
+    shapes = {"w": (3, 4), "v": (4, 2)}
+    gen = torch.Generator().manual_seed(0)
+    p = {k: torch.randn(s, dtype=torch.float64, generator=gen) for k, s in shapes.items()}
+    g = {k: 3.0 * torch.randn(s, dtype=torch.float64, generator=gen) for k, s in shapes.items()}
+    extra = {"ns_dtype": None} if name == "muon" else {}
+    clipped_opt = optim.get(name, grad_clip_norm=2.0, grad_clip_value=4.0, **extra)
+    plain = optim.get(name, **extra)
+    g_clip = {k: v.clamp(-4.0, 4.0) for k, v in g.items()}
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in g_clip.values()]))
+    g_clip = {k: v * min(1.0, 2.0 / (float(total) + 1e-6)) for k, v in g_clip.items()}
+    a, _ = clipped_opt.step(p, g, clipped_opt.init(p))
+    b, _ = plain.step(p, g_clip, plain.init(p))
+    for k in shapes:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-13, atol=1e-15)
+    assert "grad_clip_norm=2.0" in repr(clipped_opt)
+    with pytest.raises(ValueError, match="grad_clip_norm should be > 0 or None but is: -1"):
+        optim.get(name, grad_clip_norm=-1)
