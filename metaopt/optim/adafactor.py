@@ -510,9 +510,13 @@ class Adafactor:
                 c = torch.lerp(state.col[k], _mean(g2, a), w)  # (..., 1, m)
                 new_row[k], new_col[k] = r, c
                 r_mean = _mean(r, a)  # (..., 1, 1)
-                if floor:
-                    r_mean = r_mean.clamp(min=e1)
-                v = (r / r_mean) * c  # (..., n, m) = R C / mean(R)
+                if not floor:
+                    # transformers' order: rsqrt of each factor, then the product. With eps1
+                    # = 1e-30 a dead row times a dead column (~1e-30 * 1e-30) underflows to
+                    # 0 in float32, and rsqrt(0) * 0 would be NaN; each factor stays finite.
+                    updates[k] = torch.rsqrt(r / r_mean) * torch.rsqrt(c) * g  # (..., n, m)
+                    continue
+                v = (r / r_mean.clamp(min=e1)) * c  # (..., n, m) = R C / mean(R)
             else:
                 v = torch.lerp(state.variance[k], g2, w)
                 new_var[k] = v

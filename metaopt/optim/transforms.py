@@ -621,9 +621,13 @@ def scale_by_factored_rms(
                 r = row[k] = torch.lerp(state.row[k], g2.mean(b, keepdim=True), w)  # (..., n, 1)
                 c = col[k] = torch.lerp(state.col[k], g2.mean(a, keepdim=True), w)  # (..., 1, m)
                 r_mean = r.mean(a, keepdim=True)
-                if not eps_inside:
-                    r_mean = r_mean.clamp(min=e)
-                v = (r / r_mean) * c
+                if eps_inside:
+                    # transformers' order: rsqrt of each factor, then the product. With eps1
+                    # = 1e-30 a dead row times a dead column (~1e-30 * 1e-30) underflows to
+                    # 0 in float32, and rsqrt(0) * 0 would be NaN; each factor stays finite.
+                    out[k] = torch.rsqrt(r / r_mean) * torch.rsqrt(c) * g
+                    continue
+                v = (r / r_mean.clamp(min=e)) * c
             else:
                 v = full[k] = torch.lerp(state.v[k], g2, w)
             if not eps_inside:

@@ -124,3 +124,32 @@ def test_sgd_is_bit_exact(kwargs, dtype):
     p0, ours, ref = run_pair(SGD(**kwargs), functools.partial(torch.optim.SGD, **kwargs), SHAPES, dtype)
     for k in ref:
         assert torch.equal(ours[k], ref[k])
+
+
+@pytest.mark.parametrize("as_chain", [False, True])
+@pytest.mark.parametrize("scale_parameter", [False, True])
+def test_transformers_adafactor_dead_row_and_column_float32(as_chain: bool, scale_parameter: bool) -> None:
+    """A float32 gradient with whole zero rows and columns (dead ReLU units): the factored
+    second moment of such an entry is ~1e-30 * 1e-30, which underflows to 0; transformers
+    takes rsqrt of each factor before the product and stays finite, and so must we (the
+    product-then-rsqrt order gave NaN, found by the inner-optimizer study)."""
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    torch.manual_seed(0)
+    p = {"w": torch.randn(40, 40)}
+    g = torch.randn(40, 40)
+    g[:11] = 0
+    g[:, :2] = 0
+    kw = dict(lr=0.01, relative_step=False, warmup_init=False, scale_parameter=scale_parameter)
+    opt = Adafactor.from_transformers(**kw)
+    if as_chain:
+        opt = opt.as_chain()
+    ref = torch.nn.Parameter(p["w"].clone())
+    hf = HFAdafactor([ref], **kw)
+    state, new = opt.init(p), p
+    for _ in range(3):
+        new, state = opt.step(new, {"w": g}, state)
+        ref.grad = g.clone()
+        hf.step()
+    assert torch.isfinite(new["w"]).all()
+    torch.testing.assert_close(new["w"], ref.detach(), rtol=1e-5, atol=1e-6)
