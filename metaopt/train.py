@@ -199,11 +199,12 @@ class Trainer:
         loss_fn: the task loss (default: the task's ``loss``, else MSE for float targets and
             cross-entropy for integer targets).
         resume: continue from ``out_dir/checkpoints/last.pt``.
-        threads: see ``train.threads``; set with ``torch.set_num_threads`` (process-wide)
-            when training on the CPU.
         distributed: ``True`` (default): when started by ``torchrun`` (``WORLD_SIZE > 1``)
             or inside an initialised process group, shard each meta-batch across the ranks
             (see :mod:`metaopt.distributed`); ``False``: always one process.
+
+    The CPU thread count follows ``train.threads`` (set with ``torch.set_num_threads``,
+    process-wide, when training on the CPU).
 
     Example:
         >>> from metaopt.train import Trainer

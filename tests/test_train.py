@@ -213,8 +213,13 @@ def test_trains_without_matplotlib_and_tensorboard(tmp_path: Path, monkeypatch: 
     """The optional extras: without them the run finishes, with one line naming the extra."""
     import sys
 
+    import metaopt
+
     for name in ("matplotlib", "matplotlib.pyplot", "metaopt.plots", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    # `from metaopt import plots` reads the package attribute first when an earlier test in
+    # this process imported it: remove that too, so the import really fails.
+    monkeypatch.delattr(metaopt, "plots", raising=False)
     sets = [s for s in TINY if not s.startswith(("train.plots", "train.tensorboard"))]
     res = T.train(None, tmp_path, overrides=sets + ["train.iterations=2", "train.plots=true", "train.tensorboard=true"])
     err = capsys.readouterr().err
