@@ -128,3 +128,42 @@ def cast_hyper(h: Any, like: Tensor) -> Any:
     if isinstance(h, Tensor) and h.dtype != like.dtype:
         return h.to(like.dtype)
     return h
+
+
+class _FactorRsqrt(torch.autograd.Function):
+    """``rsqrt(x)`` whose derivative is 0 wherever the incoming gradient is exactly 0.
+
+    Adafactor's transformers rule keeps ``eps1 = 1e-30`` inside its factored second moment,
+    so a dead row or column (a ReLU unit whose gradient is exactly 0) has a factor of about
+    1e-30 and ``d rsqrt / dx = -x^-1.5 / 2`` overflows float32 (~1e45). The gradient that
+    reaches it is exactly 0 there (the update is ``rsqrt(...) * g`` with ``g = 0``), and the
+    true product is 0, but ``0 * inf`` is NaN and would poison the whole meta-gradient.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.rsqrt(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.where(grad == 0, torch.zeros_like(grad), grad * (-0.5 * y * y * y))
+
+
+def factor_rsqrt(x: Tensor) -> Tensor:
+    """``torch.rsqrt`` with a zero-safe first derivative (see :class:`_FactorRsqrt`).
+
+    Example:
+        >>> x = torch.tensor([1e-30, 4.0], requires_grad=True)
+        >>> y = factor_rsqrt(x)
+        >>> (y * torch.tensor([0.0, 1.0])).sum().backward()
+        >>> x.grad
+        tensor([ 0.0000, -0.0625])
+    """
+    return _FactorRsqrt.apply(x)

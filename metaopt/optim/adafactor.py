@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import cast_hyper, check_ge, check_hyper, check_inputs, check_lr, is_number
+from metaopt.optim._util import cast_hyper, check_ge, check_hyper, check_inputs, check_lr, factor_rsqrt, is_number
 from metaopt.optim import transforms as T
 from metaopt.optim.chain import Chained
 from metaopt.optim.transforms import lr_at
@@ -514,7 +514,7 @@ class Adafactor:
                     # transformers' order: rsqrt of each factor, then the product. With eps1
                     # = 1e-30 a dead row times a dead column (~1e-30 * 1e-30) underflows to
                     # 0 in float32, and rsqrt(0) * 0 would be NaN; each factor stays finite.
-                    updates[k] = torch.rsqrt(r / r_mean) * torch.rsqrt(c) * g  # (..., n, m)
+                    updates[k] = factor_rsqrt(r / r_mean) * factor_rsqrt(c) * g  # (..., n, m)
                     continue
                 v = (r / r_mean.clamp(min=e1)) * c  # (..., n, m) = R C / mean(R)
             else:

@@ -41,7 +41,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import cast_hyper, first_device, is_number, per_param
+from metaopt.optim._util import cast_hyper, factor_rsqrt, first_device, is_number, per_param
 from metaopt.types import Params
 
 __all__ = [
@@ -625,7 +625,7 @@ def scale_by_factored_rms(
                     # transformers' order: rsqrt of each factor, then the product. With eps1
                     # = 1e-30 a dead row times a dead column (~1e-30 * 1e-30) underflows to
                     # 0 in float32, and rsqrt(0) * 0 would be NaN; each factor stays finite.
-                    out[k] = torch.rsqrt(r / r_mean) * torch.rsqrt(c) * g
+                    out[k] = factor_rsqrt(r / r_mean) * factor_rsqrt(c) * g
                     continue
                 v = (r / r_mean.clamp(min=e)) * c
             else:

@@ -73,3 +73,30 @@ def test_meta_gradient_matches_finite_differences(name, vectorize):
         fd = (loss_at(1.0) - loss_at(-1.0)) / (2 * h)
         analytic = sum((g * di).sum() for g, di in zip(grads, d))
         torch.testing.assert_close(analytic, fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_transformers_adafactor_meta_gradient_with_dead_units_float32(vectorize: bool) -> None:
+    """transformers' Adafactor as the inner optimizer on an MLP with dead ReLU units, in
+    float32: the factored second moment of a dead row/column is ~1e-30, whose rsqrt
+    derivative overflows float32. The meta-gradient must stay finite and agree with the
+    same computation in float64 (found by the inner-optimizer study: NaN at iteration 2)."""
+    from metaopt.optim import Adafactor
+
+    torch.manual_seed(0)
+    model = MLP(1, (40, 40), 1)
+    with torch.no_grad():
+        model.net[0].bias[:12] = -100.0  # 12 first-layer units never fire: zero rows and columns
+    batch = _batch()
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        m = MLP(1, (40, 40), 1).to(dtype)
+        m.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+        inner = Adafactor.from_transformers(lr=0.01, relative_step=False, warmup_init=False, scale_parameter=False)
+        maml = MAML(m, inner, inner_steps=2, loss_fn=F.mse_loss, vectorize=vectorize)
+        b = TaskBatch(tuple(t.to(dtype) for t in batch.support), tuple(t.to(dtype) for t in batch.query))
+        maml.meta_loss(b, backward=True)
+        grads[dtype] = torch.cat([p.grad.reshape(-1).double() for p in m.parameters()])
+    assert torch.isfinite(grads[torch.float32]).all()
+    err = (grads[torch.float32] - grads[torch.float64]).norm() / grads[torch.float64].norm()
+    assert err < 1e-4, err
