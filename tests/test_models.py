@@ -42,7 +42,7 @@ def test_hand_written_batch_norm_equals_torch_training_mode(shape: tuple[int, ..
 @pytest.mark.parametrize("hand_written", [False, True])
 def test_batchnorm_running_stats_match_torch(hand_written: bool, monkeypatch) -> None:
     if hand_written:  # force the elementary-ops path used under vmap
-        monkeypatch.setattr("metaopt.models._functorch_wrapped", lambda t: True)
+        monkeypatch.setattr("metaopt.models.layers._functorch_wrapped", lambda t: True)
     torch.manual_seed(0)
     ours, ref = BatchNorm(3, track_running_stats=True).to(DT), nn.BatchNorm2d(3).to(DT)
     for _ in range(3):
@@ -135,7 +135,7 @@ def test_conv4_pool_before_relu_equals_textbook_order_to_second_order(fast_pool_
     # pool-then-ReLU order must route gradients (and second-order terms) exactly like the
     # textbook ReLU-then-pool order. One MAML step (second order) checks both, with every
     # pool through max_pool2x2's channels-last kernel and with every pool through torch's.
-    monkeypatch.setattr("metaopt.models._CHANNELS_LAST_POOL_MIN_NUMEL", fast_pool_min_numel)
+    monkeypatch.setattr("metaopt.models.layers._CHANNELS_LAST_POOL_MIN_NUMEL", fast_pool_min_numel)
     torch.manual_seed(0)
     model = Conv4(ways=5, hidden=16).to(torch.float64)
     with torch.no_grad():  # non-trivial BN affine parameters, negative scales included
@@ -178,7 +178,7 @@ def _pool_derivatives(pool, x: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -
 def test_max_pool2x2_equals_torch_max_pool_to_second_order(shape, dtype, monkeypatch) -> None:
     # Threshold 0: every shape (odd sizes too) takes the channels-last path. Rounded values
     # and blank planes give many exact ties, whose routing (first maximum) must match.
-    monkeypatch.setattr("metaopt.models._CHANNELS_LAST_POOL_MIN_NUMEL", 0)
+    monkeypatch.setattr("metaopt.models.layers._CHANNELS_LAST_POOL_MIN_NUMEL", 0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=dtype).round()
     x[0, 0] = 0.0
