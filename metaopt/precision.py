@@ -56,6 +56,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import ContextManager
 
@@ -82,13 +83,19 @@ def _check(precision: str, device: torch.device | str) -> torch.device:
 
 @contextlib.contextmanager
 def _tf32() -> Iterator[None]:
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # cuDNN's flags go through its own flags() context manager (with every other flag at its
+    # current value): direct assignment is refused once torch.backends.disable_global_flags()
+    # has run, as torch's own test utilities do on import.
+    cudnn = torch.backends.cudnn
+    current = {n: getattr(cudnn, n) for n in inspect.signature(cudnn.flags).parameters
+               if getattr(cudnn, n, None) is not None}
+    saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     try:
-        yield
+        with cudnn.flags(**{**current, "allow_tf32": True}):
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def precision_context(precision: str, device: torch.device | str) -> ContextManager[None]:

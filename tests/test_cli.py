@@ -153,7 +153,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
 BAD_CLI = [
     (["--set", "train.iterationz=5"], "train.iterationz"),
     (["--set", "train.iterations=ten"], "train.iterations"),
-    (["--set", "inner.name=adamax"], "adamax"),
+    (["--set", "inner.name=adamz"], "adamz"),
     (["--set", "inner.lr=-0.01"], "inner.lr"),
     (["--set", "outer.name=lion"], "outer.name"),
     (["--set", "outer.betas=[0.9]"], "outer"),

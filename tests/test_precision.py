@@ -34,16 +34,19 @@ def test_precision_context_on_cpu() -> None:
 
 
 def test_tf32_flags_are_set_and_restored_even_on_error() -> None:
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # cuDNN's flag is set through its flags() context manager: torch's test utilities (the
+    # optim_db tests import them) forbid assigning it directly for the rest of the process.
+    saved = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with pytest.raises(RuntimeError, match="boom"):
-            with precision_context("tf32", torch.device("cuda")):  # flags only: needs no GPU
-                assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-                raise RuntimeError("boom")
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            with pytest.raises(RuntimeError, match="boom"):
+                with precision_context("tf32", torch.device("cuda")):  # flags only: needs no GPU
+                    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+                    raise RuntimeError("boom")
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("bad", ["fp8", "float32", "BF16", None])
