@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple, Union
 
 import torch
@@ -358,7 +358,8 @@ class MAML(nn.Module):
 
     def _split_params(self) -> tuple[Params, Params]:
         """(adapted, fixed): parameters that require grad, and the others (detached)."""
-        adapted, fixed = {}, {}
+        adapted: Params = {}
+        fixed: Params = {}
         for k, p in self.model.named_parameters():
             if p.requires_grad:
                 adapted[k] = p
@@ -431,7 +432,7 @@ class MAML(nn.Module):
             return "none"
         return "first" if self.first_order else "second"
 
-    def _fill_unused(self, params: Params, grads: tuple[Tensor | None, ...]) -> dict[str, Tensor]:
+    def _fill_unused(self, params: Params, grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
         missing = [k for k, g in zip(params, grads) if g is None]
         if missing and not self.allow_unused:
             raise ValueError(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -93,7 +93,7 @@ def measure_points(points: list[tuple[str, Case]], impl_keys: Sequence[str], dev
     return rows
 
 
-def cost_curves(base: Workload, curves: dict[str, Sequence[Any]], impl_keys: Sequence[str], device: torch.device,
+def cost_curves(base: Workload, curves: Mapping[str, Sequence[Any]], impl_keys: Sequence[str], device: torch.device,
                 out: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     """``{curve: rows}`` for each requested curve (see :func:`measure_points`), filled into
     ``out`` curve by curve."""

@@ -83,11 +83,11 @@ def meta_gradient(model: nn.Module, w: Workload, batch: TaskBatch, policy: str, 
         hooks = _norm_inputs_fp32(model) if policy == "engine-norm32" else contextlib.nullcontext()
         with hooks, amp():
             maml.meta_loss(batch, before=False, backward=True)
-        return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        return _grads(model)
     # "autocast" / "autocast-loss32": a hand-written per-task loop entirely under autocast.
     (xs, ys), (xq, yq) = batch
     T = xs.shape[0]
-    params0 = dict(model.named_parameters())
+    params0: dict[str, Tensor] = dict(model.named_parameters())
     opt = make_inner(inner, w.inner_lr)
     cast = (lambda out: out) if policy == "autocast" else (lambda out: out.float())
     with amp():
@@ -100,7 +100,17 @@ def meta_gradient(model: nn.Module, w: Workload, batch: TaskBatch, policy: str, 
                 params, state = opt.step(params, dict(zip(params, grads)), state)
             loss = w.loss_fn(cast(torch.func.functional_call(model, params, (xq[t],))), yq[t])
             (loss / T).backward()
-    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    return _grads(model)
+
+
+def _grads(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of every parameter's ``.grad`` after the meta-backward."""
+    out: dict[str, Tensor] = {}
+    for k, p in model.named_parameters():
+        if p.grad is None:
+            raise ValueError(f"parameter {k!r} received no meta-gradient (its .grad is None)")
+        out[k] = p.grad.detach().clone()
+    return out
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
@@ -129,6 +139,10 @@ def compare(g: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Any]:
             "layers": layers}
 
 
+def _double(t: Tensor) -> Tensor:
+    return t.double() if t.is_floating_point() else t
+
+
 def fidelity(w: Workload, policies: Sequence[str] = POLICIES, dtype: torch.dtype = torch.bfloat16,
              device: str | torch.device = "cpu", seed: int = 0, batch: TaskBatch | None = None,
              inner: str = "sgd") -> list[dict[str, Any]]:
@@ -137,7 +151,8 @@ def fidelity(w: Workload, policies: Sequence[str] = POLICIES, dtype: torch.dtype
     meta-batch (float32, on ``device``); default the workload's random one."""
     model = make_model(w, seed=seed, device=device)
     batch = batch if batch is not None else make_batch(w, seed=seed, device=device)
-    b64 = TaskBatch(*[tuple(t.double() if t.is_floating_point() else t for t in pair) for pair in batch])
+    (xs, ys), (xq, yq) = batch
+    b64 = TaskBatch((_double(xs), _double(ys)), (_double(xq), _double(yq)))
     ref = meta_gradient(copy.deepcopy(model).double(), w, b64, "fp32", dtype, inner)
     rows = []
     for policy in policies:

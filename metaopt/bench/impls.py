@@ -128,7 +128,7 @@ class Plain(Impl):
         def meta_backward(batch: TaskBatch) -> None:
             (xs, ys), (xq, yq) = batch
             T = xs.shape[0]
-            params0 = dict(model.named_parameters())
+            params0: dict[str, Tensor] = dict(model.named_parameters())
             for t in range(T):
                 params = params0
                 for _ in range(steps):

@@ -86,10 +86,11 @@ def _speed_vs_peer(res: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
     need = float(t["min"])
     name = t.get("name") or f"{wid} ({inner}, {order} order, {prec}) tasks/s >= {need:g}x the fastest peer"
     c = _find(res, wid, inner, order, prec)
-    if c is None or best_metaopt(c) is None or fastest_peer(c) is None:
+    ours = best_metaopt(c) if c is not None else None
+    peer = fastest_peer(c) if c is not None else None
+    if c is None or ours is None or peer is None:
         return {"target": name, "status": "not measured",
                 "detail": f"run with --workloads {wid} --inner {inner} --order {order} --precision {prec}"}
-    ours, peer = best_metaopt(c), fastest_peer(c)
     ratio = ours["tasks_s"] / peer["tasks_s"]
     ok = ratio >= need
     detail = (f"{ours['name']} {ours['tasks_s']:.3g} tasks/s vs {peer['name']} "
@@ -118,7 +119,7 @@ def _adafactor_time(res: dict[str, Any], t: dict[str, Any]) -> dict[str, Any]:
             continue
         s = _find(res, c["workload"], "sgd", c["order"])
         a_best, s_best = best_metaopt(c), best_metaopt(s) if s else None
-        if a_best is None or s_best is None:
+        if s is None or a_best is None or s_best is None:
             continue
         for key in ("metaopt-vmap", "metaopt-loop"):
             a = next((r for r in _rows_ok(c) if r["impl"] == key), None)

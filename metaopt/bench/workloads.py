@@ -164,7 +164,7 @@ def make_batch(w: Workload, seed: int = 0, dtype: torch.dtype = torch.float32,
 
 
 class AdamState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
     exp_avg: dict[str, Tensor]
     exp_avg_sq: dict[str, Tensor]
 

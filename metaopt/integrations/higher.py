@@ -117,7 +117,7 @@ class _DifferentiableAdafactorBase(DifferentiableOptimizer):
                     buckets.setdefault(self._steps[gi][pi], []).append(pi)
             for count, idx in buckets.items():
                 params = {str(pi): group["params"][pi] for pi in idx}
-                grads_i = {str(pi): grads[pi] for pi in idx}
+                grads_i = {str(pi): g for pi in idx if (g := grads[pi]) is not None}  # all, by bucketing
                 state = self._gather(gi, idx, opt, params)
                 new_params, new_state = opt.step(params, grads_i, state)
                 for pi in idx:
@@ -147,7 +147,12 @@ class _DifferentiableAdafactorBase(DifferentiableOptimizer):
                     part = getattr(fresh, name)
                     if k in part:
                         parts[name][k] = part[k]
-        count = next(iter(stored.values()))["step"] if stored else fresh.count
+        if stored:
+            count = next(iter(stored.values()))["step"]
+        elif fresh is not None:
+            count = fresh.count
+        else:
+            raise ValueError(f"no params to gather for group {gi}: idx is empty")
         return AdafactorState(count, parts["row"], parts["col"], parts["variance"], parts["exp_avg"])
 
 

@@ -154,15 +154,15 @@ class ResBlock12(nn.Module):
         track_running_stats: bool = False,
     ) -> None:
         super().__init__()
-        bn = {"track_running_stats": track_running_stats}
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.bn1 = BatchNorm(out_channels, **bn)
+        self.bn1 = BatchNorm(out_channels, track_running_stats=track_running_stats)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = BatchNorm(out_channels, **bn)
+        self.bn2 = BatchNorm(out_channels, track_running_stats=track_running_stats)
         self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn3 = BatchNorm(out_channels, **bn)
+        self.bn3 = BatchNorm(out_channels, track_running_stats=track_running_stats)
         self.shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False), BatchNorm(out_channels, **bn)
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            BatchNorm(out_channels, track_running_stats=track_running_stats),
         )
         self.drop_rate = drop_rate
         self.dropblock_size = dropblock_size  # 0: plain dropout

@@ -52,6 +52,10 @@ class BatchNorm(nn.Module):
         supported; in eval mode without tracking, batch statistics are used (like torch).
     """
 
+    # Buffers, registered only with track_running_stats (annotations only: no class attribute).
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -75,13 +79,12 @@ class BatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        kw = {"device": device, "dtype": dtype}
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **kw))
-            self.bias = nn.Parameter(torch.zeros(num_features, **kw))
+            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
-            self.register_buffer("running_var", torch.ones(num_features, **kw))
+            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -96,14 +99,20 @@ class BatchNorm(nn.Module):
                 f"but got shape {tuple(x.shape)}"
             )
         use_batch = self.training or not self.track_running_stats
-        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        mean: Tensor | None = None
+        var: Tensor | None = None
+        if self.track_running_stats:
+            mean, var = self.running_mean, self.running_var
+        weight: Tensor | None = None
+        bias: Tensor | None = None
+        if self.affine:
+            weight, bias = self.weight, self.bias
         if not any(_functorch_wrapped(t) for t in (x, weight, bias)):
             # Plain autograd (MAML's per-task loop): torch's fused kernel is exact to every
             # order here, faster, and saves less for backward. Updates running stats in place.
-            return F.batch_norm(x, *running, weight, bias, use_batch, self.momentum, self.eps)
+            return F.batch_norm(x, mean, var, weight, bias, use_batch, self.momentum, self.eps)
         # Under torch.func transforms (vmap): elementary ops only.
-        return batch_norm(x, *running, weight, bias, use_batch, self.momentum, self.eps)
+        return batch_norm(x, mean, var, weight, bias, use_batch, self.momentum, self.eps)
 
 
 def batch_norm(
@@ -137,6 +146,8 @@ def batch_norm(
                 running_mean.mul_(1 - momentum).add_(mean.reshape(-1), alpha=momentum)
                 running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
     else:
+        if running_var is None:
+            raise ValueError("batch_norm: running_mean is given but running_var is None; pass both")
         xc = x - running_mean.reshape(shape)
         var = running_var.reshape(shape)
     scale = torch.rsqrt(var + eps)  # (1, C, 1, ...): per channel, small

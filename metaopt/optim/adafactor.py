@@ -25,7 +25,7 @@ formula in one batch of stacked ops.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ class AdafactorState(NamedTuple):
         exp_avg: first moment of the scaled update (only when ``beta1`` is set; else empty).
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
     row: dict[str, Tensor]
     col: dict[str, Tensor]
     variance: dict[str, Tensor]
@@ -505,7 +505,13 @@ class Adafactor:
             if not floor:
                 g2 = g2 + e1  # transformers: eps1 inside the averages
             if k in state.row:
-                a, b = self.factored_dims(g.shape)
+                dims = self.factored_dims(g.shape)
+                if dims is None:
+                    raise ValueError(
+                        f"state.row has an entry for {k!r} but a param of shape {tuple(g.shape)} is not "
+                        "factored; pass the state this optimizer's init made"
+                    )
+                a, b = dims
                 r = torch.lerp(state.row[k], _mean(g2, b), w)  # (..., n, 1)
                 c = torch.lerp(state.col[k], _mean(g2, a), w)  # (..., 1, m)
                 new_row[k], new_col[k] = r, c
@@ -630,4 +636,5 @@ def _check_eps(eps: Any) -> tuple[Optional[float], float]:
     return eps1, eps2
 
 
-Adafactor.from_transformers.__func__.extension_kwargs = _EXTENSIONS  # for optim.get's check
+# For optim.get's check. Any: mypy does not model a bound classmethod's __func__.
+cast(Any, Adafactor.from_transformers).__func__.extension_kwargs = _EXTENSIONS

@@ -87,7 +87,7 @@ class Adam(Chained):
             raise ValueError("betas must be either both floats or both Tensors")
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.amsgrad, self.maximize, self.decoupled_weight_decay = amsgrad, maximize, decoupled_weight_decay
-        self._repr_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+        self._repr_keys: tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
         super().__init__(_recipe(T.scale_by_adam(*betas, eps, amsgrad), lr, weight_decay,
                                  decoupled_weight_decay, maximize), grad_clip_norm=grad_clip_norm, grad_clip_value=grad_clip_value)
 

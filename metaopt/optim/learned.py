@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Union
+from typing import Literal, NamedTuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +94,7 @@ def per_parameter_lr(
 class MetaSGDState(NamedTuple):
     """State of :class:`MetaSGD`: ``count``, a 0-dim int64 tensor of steps taken."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
 
 
 class MetaSGD:
@@ -153,7 +153,9 @@ class MetaSGD:
         steps: int | None = None,
     ) -> "MetaSGD":
         """``MetaSGD(per_parameter_lr(params_or_model, init, granularity=..., steps=...), steps=...)``."""
-        return cls(per_parameter_lr(params_or_model, init, granularity=granularity, steps=steps), steps=steps)
+        # dict[str, Parameter] is a dict[str, Tensor] that MetaSGD only reads (dict is invariant).
+        lr = cast("dict[str, Tensor]", per_parameter_lr(params_or_model, init, granularity=granularity, steps=steps))
+        return cls(lr, steps=steps)
 
     def __repr__(self) -> str:
         return f"MetaSGD(lr={{{len(self.lr)} learned rates}}, steps={self.steps})"
@@ -246,4 +248,6 @@ def per_step_lr(
         >>> opt.lr.rates["w"].shape
         torch.Size([5])
     """
-    return PerStep(per_parameter_lr(params_or_model, init, granularity=granularity, steps=steps), steps)
+    # dict[str, Parameter] is a dict[str, Tensor] that PerStep only reads (dict is invariant).
+    rates = cast("dict[str, Tensor]", per_parameter_lr(params_or_model, init, granularity=granularity, steps=steps))
+    return PerStep(rates, steps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, cast
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ class SGDState(NamedTuple):
         momentum_buffer: one buffer per param (same shape); empty dict when ``momentum=0``.
     """
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
     momentum_buffer: dict[str, Tensor]
 
 
@@ -161,7 +161,8 @@ class SGD:
         # Coefficient of the grad in the momentum buffer: 1 at the first step (torch sets
         # buf = grad), 1 - dampening afterwards. One 0-dim tensor per dtype, computed once.
         grad_coef: dict[torch.dtype, Tensor] = {}
-        lr_value = self.lr(state.count) if self._scheduled else self.lr  # a schedule: once per step
+        # A schedule: called once per step (callable() narrows the type; _scheduled implies it).
+        lr_value = self.lr(state.count) if self._scheduled and callable(self.lr) else self.lr
         for k, p in params.items():
             g = grads[k]
             if self.maximize:
@@ -182,7 +183,7 @@ class SGD:
                     buf = momentum * buf + g  # torch's order: buf.mul_(momentum).add_(g)
                 new_bufs[k] = buf
                 if nesterov:
-                    g = torch.add(g, buf, alpha=momentum) if is_number(momentum) else g + momentum * buf
+                    g = torch.add(g, buf, alpha=cast(float, momentum)) if is_number(momentum) else g + momentum * buf
                 else:
                     g = buf
             lr = lr_at(lr_value, k, None, p)  # 1-element tensors viewed 0-d, cast to p's dtype
