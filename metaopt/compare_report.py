@@ -51,9 +51,10 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
 
 def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = "",
                       device: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Aggregate :func:`compare`'s runs: per optimizer the mean and Student-t 95% CI over
-    its finite seeds (none for one seed), diverged runs by name, paired differences on the
-    same test tasks, plots; write ``summary.json`` and ``summary.md`` to ``out_dir``.
+    """Aggregate :func:`metaopt.compare.compare`'s runs: per optimizer the mean and Student-t
+    95% CI over its finite seeds (none for one seed), diverged runs by name, paired
+    differences on the same test tasks, plots; write ``summary.json`` and ``summary.md`` to
+    ``out_dir``.
 
     Args:
         rows: ``{"inner": label, "config": resolved config, "runs": [run_config() records],

@@ -20,6 +20,15 @@ Hyperparameters may be Python floats (kept as floats: no kernel, exact) or 0-dim
 params (per-parameter / per-element rates, Meta-SGD) or a schedule ``f(count) -> lr``
 called with the 0-dim int64 tensor of steps taken so far.
 
+The pieces live in four modules, one concept each; this one re-exports every public name of
+the other three, so ``from metaopt.optim.transforms import X`` finds every transform:
+
+* :mod:`metaopt.optim.transform_base` - ``GradientTransformation``, ``chain``, ``identity``;
+* this module - scaling and learning rates, weight decay, momentum and moments, clipping;
+* :mod:`metaopt.optim.factored` - Adafactor's factored second moment, update clipping and
+  parameter scaling;
+* :mod:`metaopt.optim.orthogonal` - Muon's Newton-Schulz orthogonalisation.
+
 Example:
     >>> import torch
     >>> from metaopt.optim import transforms as T
@@ -28,15 +37,6 @@ Example:
     >>> updates, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
     >>> updates["w"]   # -0.5 * (1 + 0.1 * 1)
     tensor([-0.5500, -0.5500])
-
-Three modules hold the pieces, one concept each, all re-exported here so that
-``from metaopt.optim.transforms import X`` finds every transform:
-
-* :mod:`metaopt.optim.transform_base` - ``GradientTransformation``, ``chain``, ``identity``;
-* this module - scaling and learning rates, weight decay, momentum and moments, clipping;
-* :mod:`metaopt.optim.factored` - Adafactor's factored second moment, update clipping and
-  parameter scaling;
-* :mod:`metaopt.optim.orthogonal` - Muon's Newton-Schulz orthogonalisation.
 
 Reference: optax ``_src/transform.py``, ``_src/clipping.py``; the per-algorithm rules are
 torch.optim's (see each function).
@@ -120,7 +120,6 @@ class MomentsState(NamedTuple):
     extra: dict[str, Tensor]
 
 
-
 def _pow(base: Any, t: Tensor) -> Tensor:
     # base ** t for a Python or tensor base and a 0-dim tensor exponent.
     return torch.pow(cast_hyper(base, t) if isinstance(base, Tensor) else base, t)
@@ -144,7 +143,6 @@ def _sqrt(x: Tensor) -> Tensor:
     """
     pos = x > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, x, 1.0)), 0.0)
-
 
 
 # --------------------------------------------------------------------------------------
