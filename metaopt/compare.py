@@ -16,7 +16,8 @@ runs and turns them into reports:
 * :func:`summarize_compare` - ``summary.json``, ``summary.md`` and ``plots/compare_*.png``:
   mean and Student-t 95% CI over seeds (:func:`metaopt.stats.mean_ci`; one seed: no
   interval), paired differences between optimizers on the same test tasks, diverged runs
-  listed by name and never averaged.
+  listed by name and never averaged. It and the other report writers live in
+  :mod:`metaopt.compare_report` and are re-exported here.
 * :func:`reproduce` - the paper's settings (:data:`PAPER_SETTINGS`), one run each;
   :func:`reproduction_markdown` puts the results next to the paper's numbers.
 * :func:`write_report` - a report as ``NAME.json`` and ``NAME.md``.
@@ -34,6 +35,7 @@ From the shell::
         --tune inner.lr=0.003,0.01,0.03,0.1,0.3,1
 """
 
+
 from __future__ import annotations
 
 import itertools
@@ -47,6 +49,8 @@ import yaml
 
 from metaopt import config as config_mod
 from metaopt import stats
+from metaopt.compare_report import markdown_table, reproduction_markdown, summarize_compare, write_report
+from metaopt.compare_report import _fmt_ci, _fmt_metric  # noqa: F401  (the formats, for callers of compare._fmt_*)
 from metaopt.config import Config, ConfigError
 from metaopt.runs import (
     COSMETIC_KEYS,
@@ -56,7 +60,6 @@ from metaopt.runs import (
     run_config,
     validation_metric,
 )
-from metaopt.rundir import write_json
 
 #: The MAML paper's settings (configs/*.yaml) and its reported test accuracy (Finn et al.
 #: 2017, Table 1: mean ± 95% CI over 600 tasks); sinusoid results are reported as a figure only.
@@ -358,294 +361,6 @@ def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]
             "chosen": results[best]["values"] if best is not None else None, "at_edge": at_edge}
 
 
-# ============================================================================ summaries
-
-
-def _summary(values: Sequence[float]) -> dict[str, Any]:
-    s = stats.mean_ci(values)
-    return {"mean": s.mean, "ci95": s.ci95, "std": s.std, "n": s.n}
-
-
-def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = "",
-                      device: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Aggregate :func:`compare`'s runs: per optimizer the mean and Student-t 95% CI over
-    its finite seeds (none for one seed), diverged runs by name, paired differences on the
-    same test tasks, plots; write ``summary.json`` and ``summary.md`` to ``out_dir``.
-
-    Args:
-        rows: ``{"inner": label, "config": resolved config, "runs": [run_config() records],
-            "tune": tuning record or None}`` per optimizer.
-
-    Returns:
-        ``{"metric", "rows", "paired", "plots", ...extra}``; each row has ``mean``, ``ci95``
-        (``None`` with fewer than two finite seeds), ``per_seed`` (``None`` where diverged),
-        ``diverged`` (run directories), ``tune``.
-    """
-    out_dir = Path(out_dir)
-    metric = next((r["results"]["metric"] for row in rows for r in row["runs"] if r["results"]), "metric")
-    table = []
-    for row in rows:
-        runs = row["runs"]
-        ok = [r for r in runs if r["status"] == "ok" and r["results"].get("mean") is not None]
-        finals = [r["results"]["mean"] for r in ok]
-        s = _summary(finals) if finals else {"mean": None, "ci95": None, "std": None, "n": 0}
-        before = [r["results"]["before"]["mean"] for r in ok if r["results"].get("before")]
-        table.append({
-            "inner": row["inner"], "metric": metric, "seeds": len(runs), "finite_seeds": len(ok),
-            "mean": s["mean"], "ci95": s["ci95"], "std": s["std"],
-            "per_seed": [r["results"]["mean"] if r in ok else None for r in runs],
-            "diverged": [{"run_dir": r["run_dir"], **(r["diverged"] or {})} for r in runs if r["status"] == "diverged"],
-            "before_mean": stats.mean_ci(before).mean if before else None,
-            "tasks": ok[0]["results"].get("tasks") if ok else None,
-            "iterations": row["config"]["train"]["iterations"],
-            "inner_config": dict(row["config"]["inner"]),
-            "run_dirs": [r["run_dir"] for r in runs], "tune": row.get("tune"),
-        })
-    paired = _paired(table, device=device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = _plots(table, out_dir / "plots", metric=metric, title=title)
-    summary = {**(extra or {}), "title": title, "metric": metric, "ci": "Student t, n-1 df, over seeds",
-               "rows": table, "paired": paired, "plots": [str(p) for p in pngs]}
-    write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(markdown_table(table, title=title, paired=paired))
-    return summary
-
-
-def _paired(table: Sequence[Mapping[str, Any]], *, device: str | None) -> list[dict[str, Any]]:
-    """Every pair (a, b), a listed after b: a - b on the same test tasks and on the same seeds.
-
-    Over tasks: ``d_i = mean_seeds a(task i) - mean_seeds b(task i)`` with a Student-t CI over
-    the test tasks (task-sampling noise of these trained models; training noise is not in it).
-    Over seeds: ``d_k = a(seed k) - b(seed k)`` (same model init and training tasks) with a
-    Student-t CI over the seeds both finished (training noise; needs >= 2 seeds for a CI).
-    """
-    live = [r for r in table if r["finite_seeds"]]
-    if len(live) < 2:
-        return []
-    per_task: dict[str, list[float]] = {}
-    for r in live:
-        seeds = [per_task_test_values(d, device=device) for d, v in zip(r["run_dirs"], r["per_seed"]) if v is not None]
-        n = len(seeds[0])
-        per_task[r["inner"]] = [math.fsum(s[i] for s in seeds) / len(seeds) for i in range(n)]
-    out = []
-    for j, a in enumerate(live):
-        for b in live[:j]:
-            ta, tb = per_task[a["inner"]], per_task[b["inner"]]
-            rec: dict[str, Any] = {"a": a["inner"], "b": b["inner"], "metric": a["metric"]}
-            rec["over_tasks"] = _summary_or_reason(ta, tb, "test tasks")
-            both = [(x, y) for x, y in zip(a["per_seed"], b["per_seed"]) if x is not None and y is not None]
-            rec["over_seeds"] = _summary_or_reason([x for x, _ in both], [y for _, y in both], "seeds")
-            out.append(rec)
-    return out
-
-
-def _summary_or_reason(a: Sequence[float], b: Sequence[float], what: str) -> dict[str, Any]:
-    if not a or len(a) != len(b):
-        return {"n": 0, "mean": None, "ci95": None, "note": f"not paired: {len(a)} vs {len(b)} {what}"}
-    s = stats.paired_difference(a, b)
-    return {"mean": s.mean, "ci95": s.ci95, "std": s.std, "n": s.n}
-
-
-# ============================================================================ plots
-
-
-def _band(seeds: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[list[float], list[float], list[float | None]]:
-    """Mean and Student-t CI half-width over seeds at the iterations all seeds logged."""
-    common = sorted(set.intersection(*(set(xs) for xs, _ in seeds))) if seeds else []
-    lookup = [dict(zip(xs, ys)) for xs, ys in seeds]
-    means, cis = [], []
-    for x in common:
-        s = stats.mean_ci([d[x] for d in lookup])
-        means.append(s.mean)
-        cis.append(s.ci95)
-    return common, means, cis
-
-
-def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, title: str) -> list[Path]:
-    """Learning curves (validation metric, training meta-loss) with Student-t bands over the
-    finite seeds, the final test metric per optimizer with its CI, and the tuning curves."""
-    from metaopt import plots  # selects matplotlib's Agg backend
-
-    plt = plots.plt
-    pngs = []
-    for key, ylabel, name in (("val_metric", f"validation {metric}", f"compare_val_{metric}.png"),
-                              ("meta_loss", "meta-loss (train)", "compare_meta_loss.png")):
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for row in table:
-            seeds = []
-            for d, v in zip(row["run_dirs"], row["per_seed"]):
-                if v is not None and (Path(d) / "metrics.csv").is_file():
-                    cols = plots.read_metrics(Path(d) / "metrics.csv")
-                    xs, ys = plots._series(cols, key)
-                    if xs:
-                        seeds.append((xs, ys))
-            xs, m, ci = _band(seeds)
-            if not xs:
-                continue
-            (line,) = ax.plot(xs, m, marker="o", ms=3, label=f"{row['inner']} (n={len(seeds)})")
-            if all(c is not None for c in ci):
-                ax.fill_between(xs, [a - c for a, c in zip(m, ci)], [a + c for a, c in zip(m, ci)],  # type: ignore[operator]
-                                color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        ax.set_title(f"{title}: mean over seeds, 95% CI (Student t)" if title else "mean over seeds, 95% CI (Student t)",
-                     fontsize=9)
-        fig.tight_layout()
-        pngs.append(_save(fig, plot_dir / name))
-
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(table) + 2), 4.2))
-    scale = 100.0 if metric == "accuracy" else 1.0
-    for i, row in enumerate(table):
-        per = [v * scale for v in row["per_seed"] if v is not None]
-        ax.scatter([i] * len(per), per, s=12, alpha=0.5, color="gray")
-        if row["mean"] is None:
-            ax.annotate("diverged", (i, 0.5), xycoords=("data", "axes fraction"), ha="center", color="red")
-            continue
-        err = None if row["ci95"] is None else [[row["ci95"] * scale], [row["ci95"] * scale]]
-        ax.errorbar([i], [row["mean"] * scale], yerr=err, fmt="o", capsize=5, color="C0")
-    ax.set_xticks(range(len(table)), [r["inner"] for r in table], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {metric}" + (" (%)" if metric == "accuracy" else ""))
-    ax.set_xlim(-0.5, len(table) - 0.5)
-    ax.set_title("final test metric: mean ± 95% CI over seeds\n(Student t; gray: the seeds)", fontsize=9)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    pngs.append(_save(fig, plot_dir / f"compare_final_{metric}.png"))
-
-    tuned = [r for r in table if r["tune"] and len(r["tune"].get("grid") or {}) == 1]
-    if tuned:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        lowest = math.inf
-        for row in tuned:
-            (key,) = row["tune"]["grid"]
-            pts = [(r["values"][key], r["val_metric"]) for r in row["tune"]["results"]
-                   if r["val_metric"] is not None and isinstance(r["values"][key], (int, float))]
-            if pts:
-                pts.sort()
-                lowest = min(lowest, *(v for _, v in pts))
-                ax.plot([p for p, _ in pts], [v * scale for _, v in pts], marker="o", label=f"{row['inner']} ({key})")
-        ax.set_xscale("log")
-        if metric != "accuracy" and 0 < lowest < math.inf:  # a bad lr's loss is orders of magnitude above a good one's
-            ax.set_yscale("log")
-        ax.set_xlabel("tuned value")
-        ax.set_ylabel(f"validation {metric}" + (" (%)" if metric == "accuracy" else ""))
-        ax.set_title("tuning on validation tasks (diverged points omitted)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        pngs.append(_save(fig, plot_dir / "compare_tune.png"))
-    return pngs
-
-
-def _save(fig: Any, out_png: Path) -> Path:
-    from metaopt import plots
-
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plots.plt.close(fig)
-    return out_png
-
-
-# ============================================================================ reports
-
-
-def _fmt_metric(metric: str, m: float | None, ci: float | None = None) -> str:
-    """``"accuracy"`` as a percentage, anything else with 4 decimals; ``"n/a"`` for no value."""
-    if m is None or (isinstance(m, float) and math.isnan(m)):
-        return "n/a"
-    if metric == "accuracy":
-        return f"{100 * m:.2f}%" + (f" ± {100 * ci:.2f}%" if ci is not None else "")
-    return f"{m:.4f}" + (f" ± {ci:.4f}" if ci is not None else "")
-
-
-def _fmt_ci(metric: str, ci: float | None, n: int, unit: str = "seed") -> str:
-    """``"± 0.0233"``; with one value there is no interval: ``"n/a (1 seed)"``."""
-    if n == 0:
-        return "n/a"
-    if ci is None:
-        return f"n/a ({n} {unit})"
-    return f"± {100 * ci:.2f}%" if metric == "accuracy" else f"± {ci:.4f}"
-
-
-def _fmt_diff(metric: str, d: Mapping[str, Any], unit: str) -> str:
-    if d.get("mean") is None:
-        return d.get("note", "n/a")
-    m = f"{100 * d['mean']:+.2f} pp" if metric == "accuracy" else f"{d['mean']:+.4f}"
-    ci = _fmt_ci(metric, d["ci95"], d["n"], unit).replace("%", " pp")
-    return f"{m} {ci} (n = {d['n']})" if d["ci95"] is not None else f"{m}, CI {ci}"
-
-
-def _fmt_tuned(row: Mapping[str, Any]) -> str:
-    t = row.get("tune")
-    if not t:
-        return "not tuned"
-    if "skipped" in t:
-        return "fixed: " + ", ".join(f"{k}={v}" for k, v in t["chosen"].items())
-    if t["chosen"] is None:
-        return "every grid point diverged"
-    text = ", ".join(f"{k}={v}" for k, v in t["chosen"].items())
-    return text + (f" (edge of grid: {', '.join(t['at_edge'])})" if t.get("at_edge") else "")
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
-                   paired: Sequence[Mapping[str, Any]] = ()) -> str:
-    """Markdown report: final test metric per optimizer (mean and Student-t 95% CI over
-    seeds; one seed: ``n/a (1 seed)``), diverged runs by name, the tuning grid with each
-    value's validation metric, and paired differences against the first optimizer."""
-    if not rows:
-        return "(no runs)\n"
-    metric = rows[0]["metric"]
-    lines = [f"### {title}" if title else "", "",
-             (f"| inner optimizer | seeds | tuned on validation | iterations | test {metric} (mean over seeds) | "
-             "95% CI over seeds (Student t) | per seed | before adaptation | test tasks |"),
-             "|---|---|---|---|---|---|---|---|---|"]
-    diverged = []
-    for r in rows:
-        n, total = r.get("finite_seeds", r["seeds"]), r["seeds"]
-        seeds = f"{total}" if n == total else f"{n} of {total} ({total - n} diverged)"
-        mean = _fmt_metric(metric, r["mean"]) if r["mean"] is not None or total == 0 else "diverged"
-        per = ", ".join("diverged" if v is None else _fmt_metric(metric, v) for v in r.get("per_seed") or [])
-        lines.append(
-            f"| {r['inner']} | {seeds} | {_fmt_tuned(r)} | {r.get('iterations')} | {mean} | "
-            f"{_fmt_ci(metric, r['ci95'], n)} | {per} | {_fmt_metric(metric, r.get('before_mean'))} | {r.get('tasks')} |"
-        )
-        for d in r.get("diverged") or []:
-            where = d.get("where", "meta-loss")
-            value = f" {d['value']}" if d.get("value") is not None else ""
-            diverged.append(f"- {r['inner']}: `{d['run_dir']}` (non-finite {where}{value} "
-                            f"at iteration {d.get('iteration')})")
-        t = r.get("tune")
-        for d in (t or {}).get("results", []):
-            for run_dir in d["diverged"]:
-                diverged.append(f"- {r['inner']} tuning {d['values']}: `{run_dir}`")
-    if diverged:
-        lines += ["", "Diverged runs (reported, never averaged):", *diverged]
-    tuned = [r for r in rows if r.get("tune") and r["tune"].get("results")]
-    if tuned:
-        lines += ["", (f"Tuning (validation {metric} of the final checkpoint, mean over "
-                  f"{tuned[0]['tune']['seeds']} tuning seed(s); chosen in bold; test tasks never used):"), ""]
-        for r in tuned:
-            t = r["tune"]
-            cells = []
-            for i, d in enumerate(t["results"]):
-                point = ", ".join(f"{v}" for v in d["values"].values())
-                val = "diverged" if d["val_metric"] is None else _fmt_metric(metric, d["val_metric"])
-                cells.append(f"**{point} → {val}**" if i == t["chosen_index"] else f"{point} → {val}")
-            lines.append(f"- {r['inner']} ({', '.join(t['grid'])}): " + "; ".join(cells))
-    if paired:
-        ref = paired[0]["b"]
-        vs = [p for p in paired if p["b"] == ref]
-        lines += ["", (f"Paired differences against {ref} (a − b; for {metric} "
-                  f"{'higher' if metric == 'accuracy' else 'lower'} is better):"), "",
-                  "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
-        for p in vs:
-            lines.append(f"| {p['a']} − {p['b']} | {_fmt_diff(metric, p['over_tasks'], 'task')} | "
-                         f"{_fmt_diff(metric, p['over_seeds'], 'seed')} |")
-    return "\n".join(lines).lstrip() + "\n"
-
-
 # ============================================================================ paper reproduction
 
 
@@ -682,29 +397,6 @@ def reproduce(
         rows.append({"setting": name, "config": str(path), "run_dir": str(run_dir), "paper": paper,
                      "inner": cfg["inner"]["name"], "status": rec["status"], **res})
     return rows
-
-
-def reproduction_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table: setting, iterations, test metric ± 95% CI (tasks), paper."""
-    lines = ["| setting | inner | iterations | test metric (mean ± 95% CI) | before adaptation | tasks | MAML paper |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        metric = r.get("metric", "")
-        before = r.get("before") or {}
-        lines.append(
-            f"| {r['setting']} | {r.get('inner')} | {r.get('iteration')} | {metric} {_fmt_metric(metric, r.get('mean'), r.get('ci95'))} | "
-            f"{_fmt_metric(metric, before.get('mean'))} | {r.get('tasks')} | {r.get('paper') or 'figure only'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def write_report(results_dir: str | Path, name: str, data: Any, markdown: str) -> tuple[Path, Path]:
-    """Write ``results_dir/name.json`` and ``results_dir/name.md``."""
-    results_dir = Path(results_dir)
-    j = write_json(results_dir / f"{name}.json", data)
-    m = results_dir / f"{name}.md"
-    m.write_text(markdown)
-    return j, m
 
 
 __all__ = [

@@ -20,6 +20,15 @@ Hyperparameters may be Python floats (kept as floats: no kernel, exact) or 0-dim
 params (per-parameter / per-element rates, Meta-SGD) or a schedule ``f(count) -> lr``
 called with the 0-dim int64 tensor of steps taken so far.
 
+The pieces live in four modules, one concept each; this one re-exports every public name of
+the other three, so ``from metaopt.optim.transforms import X`` finds every transform:
+
+* :mod:`metaopt.optim.transform_base` - ``GradientTransformation``, ``chain``, ``identity``;
+* this module - scaling and learning rates, weight decay, momentum and moments, clipping;
+* :mod:`metaopt.optim.factored` - Adafactor's factored second moment, update clipping and
+  parameter scaling;
+* :mod:`metaopt.optim.orthogonal` - Muon's Newton-Schulz orthogonalisation.
+
 Example:
     >>> import torch
     >>> from metaopt.optim import transforms as T
@@ -29,19 +38,38 @@ Example:
     >>> updates["w"]   # -0.5 * (1 + 0.1 * 1)
     tensor([-0.5500, -0.5500])
 
-Reference: optax ``_src/transform.py``, ``_src/factorized.py``, ``_src/clipping.py``; the
-per-algorithm rules are torch.optim's (see each function).
+Reference: optax ``_src/transform.py``, ``_src/clipping.py``; the per-algorithm rules are
+torch.optim's (see each function).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from metaopt.optim._util import cast_hyper, factor_rsqrt, first_device, is_number, per_param
+from metaopt.optim._util import cast_hyper, first_device, is_number, per_param
+# Re-exported (see the module docstring); ``_count``, ``_rms`` and ``_step_t`` too, for the
+# presets that build their own pieces (adafactor.py reads ``T._count`` and ``T._rms``).
+from metaopt.optim.factored import (
+    FactoredState,  # noqa: F401  (a state type, kept importable from here)
+    _rms,  # noqa: F401
+    clip_by_block_rms,
+    scale_by_factored_rms,
+    scale_by_param_block_rms,
+)
+from metaopt.optim.orthogonal import scale_by_newton_schulz
+from metaopt.optim.transform_base import (
+    CountState,
+    EmptyState,
+    GradientTransformation,
+    Updates,
+    _count,
+    _step_t,
+    chain,
+    identity,
+)
 from metaopt.types import Params
 
 __all__ = [
@@ -74,25 +102,6 @@ __all__ = [
     "lr_at",
 ]
 
-Updates = dict[str, Tensor]
-
-
-class GradientTransformation(NamedTuple):
-    """``init(params) -> state`` and ``update(updates, state, params) -> (updates, state)``."""
-
-    init: Callable[[Params], Any]
-    update: Callable[[Updates, Any, Params], tuple[Updates, Any]]
-
-
-class EmptyState(NamedTuple):
-    """State of a stateless transform."""
-
-
-class CountState(NamedTuple):
-    """``count``: 0-dim int64 tensor, steps taken so far."""
-
-    count: Tensor
-
 
 class TraceState(NamedTuple):
     """``count`` and one buffer per param (same shape)."""
@@ -109,28 +118,6 @@ class MomentsState(NamedTuple):
     mu: dict[str, Tensor]
     nu: dict[str, Tensor]
     extra: dict[str, Tensor]
-
-
-class FactoredState(NamedTuple):
-    """``count``; ``row`` ``(..., n, 1)`` and ``col`` ``(..., 1, m)`` factors of factored
-    params; full ``v`` of the others."""
-
-    count: Tensor
-    row: dict[str, Tensor]
-    col: dict[str, Tensor]
-    v: dict[str, Tensor]
-
-
-def _count(params: Params) -> Tensor:
-    return torch.zeros((), dtype=torch.int64, device=first_device(params))
-
-
-def _step_t(count: Tensor, like: Tensor, cache: dict) -> Tensor:
-    """``t = count + 1`` (1-based step) as a 0-dim tensor of ``like``'s dtype, once per dtype."""
-    t = cache.get(like.dtype)
-    if t is None:
-        t = cache[like.dtype] = (count + 1).to(like.dtype)
-    return t
 
 
 def _pow(base: Any, t: Tensor) -> Tensor:
@@ -156,34 +143,6 @@ def _sqrt(x: Tensor) -> Tensor:
     """
     pos = x > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, x, 1.0)), 0.0)
-
-
-def identity() -> GradientTransformation:
-    """Pass updates through unchanged."""
-    return GradientTransformation(lambda params: EmptyState(), lambda u, s, p: (dict(u), s))
-
-
-def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply ``transforms`` in order; the state is the tuple of their states.
-
-    Example:
-        >>> import torch
-        >>> tx = chain(scale(2.0), scale(3.0))
-        >>> tx.update({"w": torch.ones(1)}, tx.init({}), {})[0]["w"]
-        tensor([6.])
-    """
-
-    def init(params: Params) -> tuple:
-        return tuple(t.init(params) for t in transforms)
-
-    def update(updates: Updates, state: tuple, params: Params) -> tuple[Updates, tuple]:
-        new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
-            new_state.append(s)
-        return updates, tuple(new_state)
-
-    return GradientTransformation(init, update)
 
 
 # --------------------------------------------------------------------------------------
@@ -569,98 +528,6 @@ def scale_by_sign() -> GradientTransformation:
 
 
 # --------------------------------------------------------------------------------------
-# Adafactor pieces (Shazeer & Stern 2018; optax factorized.py; torch.optim.Adafactor)
-# --------------------------------------------------------------------------------------
-def _factored_dims(shape: torch.Size, min_dim_size_to_factor: Optional[int]) -> Optional[tuple[int, int]]:
-    """Last two dims (torch) or, with ``min_dim_size_to_factor``, the two largest (optax)."""
-    if len(shape) < 2:
-        return None
-    if min_dim_size_to_factor is None:
-        return len(shape) - 2, len(shape) - 1
-    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
-    a, b = sorted(order[-2:])
-    return None if min(shape[a], shape[b]) < min_dim_size_to_factor else (a, b)
-
-
-def scale_by_factored_rms(
-    beta2_decay: float = -0.8, eps: Optional[float] = None, *, eps_inside: bool = False,
-    factored: bool = True, min_dim_size_to_factor: Optional[int] = None,
-) -> GradientTransformation:
-    """Adafactor's normalised update ``u = g / sqrt(V)`` with ``w_t = t^beta2_decay``::
-
-        factored (dims a < b): R = lerp(R, mean_b(g^2), w_t), C = lerp(C, mean_a(g^2), w_t),
-                               V = R C / mean_a(R)
-        otherwise:             V = lerp(V, g^2, w_t)
-
-    ``eps`` (``None``: the dtype's machine epsilon) floors ``mean_a(R)`` at ``eps`` and ``V``
-    at ``eps^2`` (torch); ``eps_inside=True`` adds it to ``g^2`` instead (transformers).
-    """
-
-    def init(params: Params) -> FactoredState:
-        row, col, v = {}, {}, {}
-        for k, p in params.items():
-            dims = _factored_dims(p.shape, min_dim_size_to_factor) if factored else None
-            if dims is None:
-                v[k] = torch.zeros_like(p)
-            else:
-                a, b = dims
-                rs, cs = list(p.shape), list(p.shape)
-                rs[b], cs[a] = 1, 1
-                row[k], col[k] = p.new_zeros(rs), p.new_zeros(cs)
-        return FactoredState(_count(params), row, col, v)
-
-    def update(updates: Updates, state: FactoredState, params: Params) -> tuple[Updates, FactoredState]:
-        cache: dict = {}
-        out, row, col, full = {}, {}, {}, {}
-        for k, g in updates.items():
-            w = torch.pow(_step_t(state.count, g, cache), beta2_decay)
-            e = torch.finfo(g.dtype).eps if eps is None else eps
-            g2 = torch.square(g) + e if eps_inside else torch.square(g)
-            if k in state.row:
-                a, b = _factored_dims(g.shape, min_dim_size_to_factor)
-                r = row[k] = torch.lerp(state.row[k], g2.mean(b, keepdim=True), w)  # (..., n, 1)
-                c = col[k] = torch.lerp(state.col[k], g2.mean(a, keepdim=True), w)  # (..., 1, m)
-                r_mean = r.mean(a, keepdim=True)
-                if eps_inside:
-                    # transformers' order: rsqrt of each factor, then the product. With eps1
-                    # = 1e-30 a dead row times a dead column (~1e-30 * 1e-30) underflows to
-                    # 0 in float32, and rsqrt(0) * 0 would be NaN; each factor stays finite.
-                    out[k] = factor_rsqrt(r / r_mean) * factor_rsqrt(c) * g
-                    continue
-                v = (r / r_mean.clamp(min=e)) * c
-            else:
-                v = full[k] = torch.lerp(state.v[k], g2, w)
-            if not eps_inside:
-                v = v.clamp(min=e * e)
-            out[k] = torch.rsqrt(v) * g
-        return out, FactoredState(state.count + 1, row, col, full)
-
-    return GradientTransformation(init, update)
-
-
-def _rms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
-
-
-def clip_by_block_rms(threshold: Any) -> GradientTransformation:
-    """Update clipping: ``u = u / max(1, RMS(u) / threshold)`` per param."""
-
-    def update(updates: Updates, state: EmptyState, params: Params) -> tuple[Updates, EmptyState]:
-        return {k: u / torch.clamp(_rms(u) / threshold, min=1.0) for k, u in updates.items()}, state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
-
-
-def scale_by_param_block_rms(min_scale: Any = 1e-3) -> GradientTransformation:
-    """Relative step: ``u = max(min_scale, RMS(p)) * u`` per param."""
-
-    def update(updates: Updates, state: EmptyState, params: Params) -> tuple[Updates, EmptyState]:
-        return {k: u * torch.clamp(_rms(params[k].to(u.dtype)), min=min_scale) for k, u in updates.items()}, state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
-
-
-# --------------------------------------------------------------------------------------
 # Gradient clipping
 # --------------------------------------------------------------------------------------
 def clip(max_delta: Any) -> GradientTransformation:
@@ -688,39 +555,5 @@ def clip_by_global_norm(max_norm: Any) -> GradientTransformation:
         norms = torch.stack([torch.linalg.vector_norm(u).to(dtype) for u in updates.values()])  # (P,)
         coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms) + 1e-6), max=1.0)  # (,)
         return {k: u * coef.to(u.dtype) for k, u in updates.items()}, state
-
-    return GradientTransformation(lambda params: EmptyState(), update)
-
-
-# --------------------------------------------------------------------------------------
-# Orthogonalisation (Muon)
-# --------------------------------------------------------------------------------------
-def _newton_schulz(g: Tensor, coefficients: tuple, steps: int, eps: float, dtype: Optional[torch.dtype]) -> Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz iteration towards ``U V^T`` of ``g = U S V^T``;
-    matmuls only, so differentiable. ``dtype=None`` iterates in ``g``'s dtype."""
-    a, b, c = coefficients
-    x = g if dtype is None else g.to(dtype)
-    tall = g.size(-2) > g.size(-1)
-    if tall:
-        x = x.mT
-    x = x / torch.clamp(torch.linalg.vector_norm(x), min=eps)  # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        # torch's op order (addmm: one rounding each), so bfloat16 iterations match its bits
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    if tall:
-        x = x.mT
-    return x.to(g.dtype)
-
-
-def scale_by_newton_schulz(
-    coefficients: tuple = (3.4445, -4.775, 2.0315), steps: int = 5, eps: float = 1e-7,
-    dtype: Optional[torch.dtype] = torch.bfloat16,
-) -> GradientTransformation:
-    """Muon's orthogonalisation of each (2-D) update by Newton-Schulz iterations in ``dtype``
-    (torch: bfloat16; ``None``: the update's dtype, needed for float64 gradcheck)."""
-
-    def update(updates: Updates, state: EmptyState, params: Params) -> tuple[Updates, EmptyState]:
-        return {k: _newton_schulz(u, coefficients, steps, eps, dtype) for k, u in updates.items()}, state
 
     return GradientTransformation(lambda params: EmptyState(), update)
