@@ -45,7 +45,7 @@ class FactoredState(NamedTuple):
     """``count``; ``row`` ``(..., n, 1)`` and ``col`` ``(..., 1, m)`` factors of factored
     params; full ``v`` of the others."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
     row: dict[str, Tensor]
     col: dict[str, Tensor]
     v: dict[str, Tensor]
@@ -97,7 +97,10 @@ def scale_by_factored_rms(
             e = torch.finfo(g.dtype).eps if eps is None else eps
             g2 = torch.square(g) + e if eps_inside else torch.square(g)
             if k in state.row:
-                a, b = _factored_dims(g.shape, min_dim_size_to_factor)
+                dims = _factored_dims(g.shape, min_dim_size_to_factor)
+                if dims is None:  # init factored exactly these params; a reshaped grad is a caller bug
+                    raise ValueError(f"gradient {k!r} of shape {tuple(g.shape)} no longer has two factorable dims")
+                a, b = dims
                 r = row[k] = torch.lerp(state.row[k], g2.mean(b, keepdim=True), w)  # (..., n, 1)
                 c = col[k] = torch.lerp(state.col[k], g2.mean(a, keepdim=True), w)  # (..., 1, m)
                 r_mean = r.mean(a, keepdim=True)

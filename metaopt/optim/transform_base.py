@@ -56,7 +56,7 @@ class EmptyState(NamedTuple):
 class CountState(NamedTuple):
     """``count``: 0-dim int64 tensor, steps taken so far."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
 
 
 def _count(params: Params) -> Tensor:

@@ -106,7 +106,7 @@ __all__ = [
 class TraceState(NamedTuple):
     """``count`` and one buffer per param (same shape)."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
     trace: dict[str, Tensor]
 
 
@@ -114,7 +114,7 @@ class MomentsState(NamedTuple):
     """``count``, first moment ``mu`` and second moment ``nu`` (same shapes as the params);
     ``nu_max`` (amsgrad) or ``extra`` (per-algorithm, e.g. NAdam's ``mu_product``)."""
 
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # a field named like tuple.count: mypy cannot express it
     mu: dict[str, Tensor]
     nu: dict[str, Tensor]
     extra: dict[str, Tensor]
@@ -205,7 +205,9 @@ def scale_by_learning_rate(lr: Any, *, flip_sign: bool = True) -> GradientTransf
         for k, u in updates.items():
             r = lr_at(value, k, None, u)
             out[k] = torch.mul(u, sign * r) if is_number(r) else u * (sign * r)
-        return out, (CountState(count + 1) if scheduled else state)
+        if count is None:
+            return out, state
+        return out, CountState(count + 1)
 
     return GradientTransformation(init, update)
 
@@ -285,7 +287,9 @@ def trace(momentum: Any, dampening: Any = 0.0, nesterov: bool = False) -> Gradie
         return TraceState(_count(params), {k: torch.zeros_like(p) for k, p in params.items()})
 
     def update(updates: Updates, state: TraceState, params: Params) -> tuple[Updates, TraceState]:
-        out, bufs, coef = {}, {}, {}
+        out: dict[str, Tensor] = {}
+        bufs: dict[str, Tensor] = {}
+        coef: dict[Any, Any] = {}
         for k, g in updates.items():
             if damped:
                 c = coef.get(g.dtype)
