@@ -164,7 +164,8 @@ def validation_metric(run_dir: str | Path, *, device: str | None = None) -> floa
     The run's own validation at its last iteration (``metrics.csv``) is that number (the
     trainer validates at the last iteration whenever ``train.eval_every > 0``); otherwise the
     checkpoint is evaluated on the same tasks by :func:`metaopt.train.evaluate_run` (which
-    caches it in ``eval_val_<T>tasks.json``).
+    caches it in ``eval_val_<T>tasks.json``). NaN when that evaluation diverged (the
+    tuning then counts the value as diverged).
     """
     run_dir = Path(run_dir)
     it = (_read_json(run_dir / "results.json") or {}).get("iteration")
@@ -178,8 +179,9 @@ def validation_metric(run_dir: str | Path, *, device: str | None = None) -> floa
     tasks = config_mod.load(run_dir / "config.yaml")["train"]["eval_tasks"]
     cached = _read_json(run_dir / f"eval_val_{tasks}tasks.json")
     if cached is not None and it is not None and cached.get("iteration") == it:
-        return float(cached["mean"])
-    return float(evaluate_run(run_dir, split="val", device=device)["mean"])
+        return math.nan if cached.get("mean") is None else float(cached["mean"])
+    mean = evaluate_run(run_dir, split="val", device=device)["mean"]
+    return math.nan if mean is None else float(mean)  # None: the evaluation diverged
 
 
 def per_task_test_values(run_dir: str | Path, *, device: str | None = None) -> list[float]:

@@ -329,3 +329,16 @@ def test_cli_compare_with_tune_and_no_rerun(tmp_path: Path, capsys: pytest.Captu
     assert err.startswith("metaopt: error: ") and "'inner.steps' is 1 there but 2 now" in err
 
 
+
+
+def test_validation_metric_of_a_diverged_evaluation_is_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose validation diverges (results hold null) counts as diverged in tuning,
+    rather than crashing the comparison (found by the study: float(None))."""
+    import math
+
+    from metaopt import runs
+
+    C.compare({}, "sgd", 1, tmp_path, overrides=QUICK + ["train.eval_every=0"], device="cpu", log=None)
+    run = tmp_path / "sgd/seed0"
+    monkeypatch.setattr(runs, "evaluate_run", lambda *a, **k: {"mean": None, "diverged": "val mse diverged"})
+    assert math.isnan(C.validation_metric(run))
