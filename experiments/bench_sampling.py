@@ -2,7 +2,7 @@
 
 Default workload: 32 tasks of 5-way 1-shot with 15 queries per class (benchmark O1).
 
-    python experiments/bench_sampling.py --root ../shared/data/omniglot
+    python experiments/bench_sampling.py --root /path/to/omniglot     # or set $METAOPT_OMNIGLOT
 """
 
 from __future__ import annotations
@@ -11,21 +11,19 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from metaopt.tasks import Omniglot
 from metaopt.tasks.bench import sampling_rate
 
-DEFAULT_ROOT = os.environ.get(
-    "METAOPT_OMNIGLOT", str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot")
-)
+DEFAULT_ROOT = os.environ.get("METAOPT_OMNIGLOT")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default=DEFAULT_ROOT, help="Omniglot folder (npz copy or official zips)")
+    p.add_argument("--root", default=DEFAULT_ROOT,
+                   help="Omniglot folder (npz copy or official zips); default $METAOPT_OMNIGLOT")
     p.add_argument("--split", default="train")
     p.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch")
     p.add_argument("--ways", type=int, default=5)
@@ -37,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU run")
     args = p.parse_args(argv)
+    if not args.root:
+        p.error("--root is required (or set METAOPT_OMNIGLOT): the Omniglot folder")
     if args.threads:
         torch.set_num_threads(args.threads)
 
