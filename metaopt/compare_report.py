@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from metaopt import stats
+from metaopt.loop import format_metric
 from metaopt.rundir import write_json
 from metaopt.runs import per_task_test_values
 
@@ -236,12 +237,9 @@ def _save(fig: Any, out_png: Path) -> Path:
 
 
 def _fmt_metric(metric: str, m: float | None, ci: float | None = None) -> str:
-    """``"accuracy"`` as a percentage, anything else with 4 decimals; ``"n/a"`` for no value."""
-    if m is None or (isinstance(m, float) and math.isnan(m)):
-        return "n/a"
-    if metric == "accuracy":
-        return f"{100 * m:.2f}%" + (f" ± {100 * ci:.2f}%" if ci is not None else "")
-    return f"{m:.4f}" + (f" ± {ci:.4f}" if ci is not None else "")
+    """``"accuracy"`` as a percentage, anything else with 4 decimals; ``"n/a"`` for no value
+    (the run layer's :func:`metaopt.loop.format_metric`)."""
+    return format_metric(metric, m, ci)
 
 
 def _fmt_ci(metric: str, ci: float | None, n: int, unit: str = "seed") -> str:
