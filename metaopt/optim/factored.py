@@ -115,7 +115,11 @@ def scale_by_factored_rms(
                 v = full[k] = torch.lerp(state.v[k], g2, w)
             if not eps_inside:
                 v = v.clamp(min=e * e)
-            out[k] = torch.rsqrt(v) * g
+                out[k] = torch.rsqrt(v) * g
+            else:
+                # an exactly-zero gradient leaves v = eps1 = 1e-30, whose rsqrt derivative
+                # overflows float32 (0 * inf = NaN in the meta-gradient; see factor_rsqrt)
+                out[k] = factor_rsqrt(v) * g
         return out, FactoredState(state.count + 1, row, col, full)
 
     return GradientTransformation(init, update)
