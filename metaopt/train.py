@@ -526,6 +526,9 @@ class Trainer:
             results = {"metric": self.metric, "mean": None, "ci95": None, "tasks": 0, **results}
         if self.run_dir is not None and self.is_main:
             write_json(self.run_dir / "results.json", results)
+            if test is not None:  # per-task values: paired comparisons need no checkpoint later
+                write_json(self.run_dir / "results_test_values.json", {"iteration": self.iteration, "tasks": test.tasks,
+                                                                       "metric": test.metric, "values": test.values})
             if self.cfg["train"]["plots"]:
                 self.plot(test)
         return results

@@ -305,8 +305,12 @@ def test_validation_metric_reads_validation_tasks(tmp_path: Path) -> None:
     v_b = C.validation_metric(run_b)
     assert not list(run_b.glob("eval_val_*.json"))
     assert v_b == pytest.approx(evaluate_run(run_b, split="val", write=False)["mean"], rel=1e-6)
-    # Per-task test values by re-evaluation reproduce the saved test mean (and are cached).
+    # Training saved the per-task test values; re-evaluating the checkpoint (the path for
+    # runs from before they were saved) reproduces them and the saved mean, and caches them.
+    saved = json.loads((run / "results_test_values.json").read_text())
+    (run / "results_test_values.json").unlink()
     values = C.per_task_test_values(run)
+    assert values == pytest.approx(saved["values"], rel=1e-6) and saved["iteration"] == 3
     assert len(values) == 4 and statistics.mean(values) == pytest.approx(
         json.loads((run / "results.json").read_text())["mean"], rel=1e-9)
     assert json.loads((run / "results_test_values.json").read_text())["values"] == values
