@@ -109,7 +109,11 @@ def _paired(table: Sequence[Mapping[str, Any]], *, device: str | None) -> list[d
         return []
     per_task: dict[str, list[float]] = {}
     for r in live:
-        seeds = [per_task_test_values(d, device=device) for d, v in zip(r["run_dirs"], r["per_seed"]) if v is not None]
+        try:
+            seeds = [per_task_test_values(d, device=device) for d, v in zip(r["run_dirs"], r["per_seed"]) if v is not None]
+        except FileNotFoundError:  # checkpoints deleted (e.g. copied back from another machine): seeds only
+            per_task[r["inner"]] = []
+            continue
         n = len(seeds[0])
         per_task[r["inner"]] = [math.fsum(s[i] for s in seeds) / len(seeds) for i in range(n)]
     out = []
@@ -117,7 +121,9 @@ def _paired(table: Sequence[Mapping[str, Any]], *, device: str | None) -> list[d
         for b in live[:j]:
             ta, tb = per_task[a["inner"]], per_task[b["inner"]]
             rec: dict[str, Any] = {"a": a["inner"], "b": b["inner"], "metric": a["metric"]}
-            rec["over_tasks"] = _summary_or_reason(ta, tb, "test tasks")
+            rec["over_tasks"] = (_summary_or_reason(ta, tb, "test tasks") if ta and tb else
+                                 {"n": 0, "mean": None, "ci95": None,
+                                  "note": "not paired: per-task test values not saved and no checkpoint"})
             both = [(x, y) for x, y in zip(a["per_seed"], b["per_seed"]) if x is not None and y is not None]
             rec["over_seeds"] = _summary_or_reason([x for x, _ in both], [y for _, y in both], "seeds")
             out.append(rec)

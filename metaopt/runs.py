@@ -194,6 +194,7 @@ def per_task_test_values(run_dir: str | Path, *, device: str | None = None) -> l
 
     Raises:
         RuntimeError: the re-evaluation does not reproduce the saved test mean.
+        FileNotFoundError: no saved values and no checkpoint to re-evaluate.
     """
     run_dir = Path(run_dir)
     res = _read_json(run_dir / "results.json") or {}
@@ -202,6 +203,8 @@ def per_task_test_values(run_dir: str | Path, *, device: str | None = None) -> l
     cache = _read_json(run_dir / "results_test_values.json")
     if cache is not None and cache.get("iteration") == res.get("iteration") and cache.get("tasks") == res.get("tasks"):
         return [float(v) for v in cache["values"]]
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise FileNotFoundError(f"{run_dir}: no per-task test values saved and no checkpoint to re-evaluate")
     trainer = Trainer(run_dir / "config.yaml", run_dir, device=device, resume=True)
     ev = trainer.evaluate("test")
     assert ev is not None
