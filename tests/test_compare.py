@@ -165,6 +165,24 @@ def test_one_seed_has_no_interval(tmp_path: Path) -> None:
     assert "+0.2000, CI n/a (1 seed)" in md
 
 
+def test_runs_without_values_or_checkpoint_pair_over_seeds_only(tmp_path: Path) -> None:
+    # Run directories copied back without checkpoints, from before per-task values were
+    # saved: the report still pairs over seeds and says why it cannot pair over tasks.
+    runs = {}
+    for label, finals in (("A", [0.4, 0.5]), ("B", [0.7, 0.9])):
+        runs[label] = [_fake_run(tmp_path, f"{label}{k}", [v, v]) for k, v in enumerate(finals)]
+        for r in runs[label]:
+            res = json.loads((Path(r["run_dir"]) / "results.json").read_text())
+            del res["values"]
+            (Path(r["run_dir"]) / "results.json").write_text(json.dumps(res))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        C.per_task_test_values(runs["A"][0]["run_dir"])
+    s = C.summarize_compare([_row("A", runs["A"]), _row("B", runs["B"])], tmp_path / "out")
+    (p,) = s["paired"]
+    assert p["over_tasks"]["mean"] is None and "no checkpoint" in p["over_tasks"]["note"]
+    assert p["over_seeds"]["n"] == 2 and p["over_seeds"]["mean"] == pytest.approx(0.35)
+
+
 def test_all_seeds_diverged_row(tmp_path: Path) -> None:
     dead = {"run_dir": str(tmp_path / "x"), "status": "diverged", "results": None,
             "diverged": {"iteration": 1, "value": "inf"}}
