@@ -6,7 +6,8 @@ optimizer registered by the user works from a config without a change here:
 * ``task``  -> ``metaopt.tasks.get(task.name, **task kwargs)`` (see :func:`task_kwargs`);
 * ``model`` -> :func:`model_factory` (``model.name``; ``auto`` is the task's default) with
   the task's data-dependent arguments (``model_args()``, e.g. ``ways``) and the section's keys;
-* ``inner`` -> ``metaopt.optim.get(inner.name, **every other inner key)``;
+* ``inner`` -> ``metaopt.optim.get(inner.name, **every other inner key)``, with ``learn_lr``
+  the lr as learned ``nn.Parameter``s (see :func:`build_inner`);
 * ``outer`` -> :func:`metaopt.outer.build_outer_optimizer`.
 
 Example:
@@ -240,8 +241,10 @@ def build_inner(cfg: Mapping[str, Any], model: nn.Module | None = None) -> Any:
         >>> from metaopt.models import MLP
         >>> cfg = resolve({"inner": {"name": "adam", "lr": 0.01, "learn_lr": "per_layer"}})
         >>> opt = build_inner(cfg, MLP(1, (8,), 1))
-        >>> sorted(opt.lr), float(opt.lr["net.0.weight"])
-        (['net.0.bias', 'net.0.weight', 'net.2.bias', 'net.2.weight'], 0.01)
+        >>> sorted(opt.lr)                      # one learned rate per parameter tensor
+        ['net.0.bias', 'net.0.weight', 'net.2.bias', 'net.2.weight']
+        >>> opt.lr["net.0.weight"].shape, opt.lr["net.0.weight"].requires_grad
+        (torch.Size([]), True)
     """
     inner = cfg["inner"]
     mode = learn_lr_mode(inner.get("learn_lr", False))
