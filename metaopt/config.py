@@ -352,6 +352,13 @@ def _check_inner(inner: dict[str, Any]) -> None:
         optim.get(name, **kwargs)
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise ConfigError(f"config section 'inner' ({name}): {e}") from None
+    mode = inner["learn_lr"]
+    if mode in ("per_layer", "per_element"):  # the rates' form, on a stand-in (2, 3) weight
+        rate = torch.full(() if mode == "per_layer" else (2, 3), float(inner["lr"]))
+        try:
+            optim.get(name, **{**kwargs, "lr": {"weight": rate}})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"inner.learn_lr: {mode} does not fit inner optimizer {name!r}: {e}") from None
 
 
 def _check_outer(outer: dict[str, Any]) -> None:

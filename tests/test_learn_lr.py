@@ -78,9 +78,14 @@ def test_per_layer_rates_need_the_model(mode: str) -> None:
 
 
 def test_adafactor_refuses_per_element_rates_naming_the_key_and_shape() -> None:
-    cfg = _cfg(name="adafactor", lr=0.01, learn_lr="per_element")
+    """Refused when the config is resolved (before a comparison trains anything), and by the
+    optimizer itself for an unchecked mapping."""
+    with pytest.raises(ConfigError, match=r"inner.learn_lr: per_element does not fit inner optimizer 'adafactor': "
+                                          r".*one rate per tensor: lr\['weight'\] .* shape \(2, 3\)"):
+        _cfg(name="adafactor", lr=0.01, learn_lr="per_element")
+    raw = config.merge(_cfg(name="adafactor", lr=0.01), {"inner": {"learn_lr": "per_element"}})
     with pytest.raises(ConfigError, match=r"one rate per tensor: lr\['net.0.weight'\] .* shape \(8, 1\)"):
-        build_inner(cfg, build_model(cfg))
+        build_inner(raw, build_model(raw))
 
 
 # ----------------------------------------------------------------------------- every optimizer
