@@ -6,7 +6,8 @@ optimizer registered by the user works from a config without a change here:
 * ``task``  -> ``metaopt.tasks.get(task.name, **task kwargs)`` (see :func:`task_kwargs`);
 * ``model`` -> :func:`model_factory` (``model.name``; ``auto`` is the task's default) with
   the task's data-dependent arguments (``model_args()``, e.g. ``ways``) and the section's keys;
-* ``inner`` -> ``metaopt.optim.get(inner.name, **every other inner key)``;
+* ``inner`` -> ``metaopt.optim.get(inner.name, **every other inner key)``, with ``learn_lr``
+  the lr as learned ``nn.Parameter``s (see :func:`build_inner`);
 * ``outer`` -> :func:`metaopt.outer.build_outer_optimizer`.
 
 Example:
@@ -32,11 +33,13 @@ from metaopt.checks import ConfigError
 from metaopt.maml import MAML
 from metaopt import models
 from metaopt.models import MLP, Conv4
+from metaopt.optim.learned import per_parameter_lr
 from metaopt.outer import build_outer_optimizer
 from metaopt.tasks.base import model_args
 
 __all__ = [
     "INNER_OWN_KEYS",
+    "LEARN_LR_MODES",
     "accepted_kwargs",
     "build_inner",
     "build_maml",
@@ -44,6 +47,7 @@ __all__ = [
     "build_outer",
     "build_tasks",
     "has_splits",
+    "learn_lr_mode",
     "model_factory",
     "model_names",
     "resolve_device",
@@ -187,18 +191,76 @@ def build_model(cfg: Mapping[str, Any], task: Any = None) -> nn.Module:
 # ============================================================================ optimizers
 
 
-def build_inner(cfg: Mapping[str, Any]) -> Any:
-    """``metaopt.optim.get(inner.name, **every inner key but MAML's own)``; with ``learn_lr``
-    the lr is an ``nn.Parameter`` (which :class:`metaopt.MAML` registers, so the outer
-    optimizer trains it)."""
+#: ``inner.learn_lr`` values that meta-learn the inner lr (``true`` is ``scalar``): one
+#: scalar rate; one rate per parameter tensor (per layer, as MAML++'s LSLR without the
+#: per-step axis); one rate per weight (Meta-SGD, Li et al. 2017).
+LEARN_LR_MODES = ("scalar", "per_layer", "per_element")
+
+
+def learn_lr_mode(value: Any) -> str | None:
+    """The canonical form of an ``inner.learn_lr`` value: ``None`` (off) or one of
+    :data:`LEARN_LR_MODES` (``True`` is ``"scalar"``, kept for old configs and checkpoints).
+
+    Raises:
+        ConfigError: anything else, naming the value and the allowed ones.
+
+    Example:
+        >>> learn_lr_mode(True), learn_lr_mode(False), learn_lr_mode("per_layer")
+        ('scalar', None, 'per_layer')
+    """
+    if value is True:
+        return "scalar"
+    if value is False or value is None:
+        return None
+    if isinstance(value, str) and value in LEARN_LR_MODES:
+        return value
+    raise ConfigError(f"inner.learn_lr should be one of false, true, {', '.join(LEARN_LR_MODES)} but is: {value!r}")
+
+
+def build_inner(cfg: Mapping[str, Any], model: nn.Module | None = None) -> Any:
+    """``metaopt.optim.get(inner.name, **every inner key but MAML's own)``.
+
+    With ``inner.learn_lr`` the lr starts at ``inner.lr`` and is made of ``nn.Parameter``s,
+    which :class:`metaopt.MAML` registers (so the outer optimizer trains them and
+    checkpoints hold them): ``scalar`` (or ``true``) one 0-dim rate; ``per_layer`` a dict
+    of 0-dim rates, one per parameter tensor of ``model``; ``per_element`` a dict of rates
+    shaped like the parameters (Meta-SGD). See :func:`metaopt.optim.learned.per_parameter_lr`.
+
+    Args:
+        cfg: a resolved config (its ``inner`` section is read).
+        model: the model to be adapted; needed by ``per_layer`` and ``per_element`` (the
+            rates are keyed, shaped and typed like its parameters that require grad).
+
+    Raises:
+        ConfigError: learned rates without an explicit ``inner.lr`` to start from (e.g.
+            transformers' relative step), per-layer rates without ``model``, or arguments
+            the optimizer rejects.
+
+    Example:
+        >>> from metaopt.config import resolve
+        >>> from metaopt.models import MLP
+        >>> cfg = resolve({"inner": {"name": "adam", "lr": 0.01, "learn_lr": "per_layer"}})
+        >>> opt = build_inner(cfg, MLP(1, (8,), 1))
+        >>> sorted(opt.lr)                      # one learned rate per parameter tensor
+        ['net.0.bias', 'net.0.weight', 'net.2.bias', 'net.2.weight']
+        >>> opt.lr["net.0.weight"].shape, opt.lr["net.0.weight"].requires_grad
+        (torch.Size([]), True)
+    """
     inner = cfg["inner"]
+    mode = learn_lr_mode(inner.get("learn_lr", False))
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inner.items() if k not in INNER_OWN_KEYS}
     if kwargs.get("lr") is None:
         kwargs.pop("lr", None)
-        if inner["learn_lr"]:
+        if mode is not None:
             raise ConfigError("config key 'inner.learn_lr' needs an explicit inner.lr to start from")
-    elif inner["learn_lr"]:
+    elif mode == "scalar":
         kwargs["lr"] = nn.Parameter(torch.tensor(float(inner["lr"])))
+    elif mode is not None:
+        if model is None:
+            raise ConfigError(f"inner.learn_lr: {mode} needs the model its rates are keyed by: "
+                              "build_inner(cfg, model)")
+        kwargs["lr"] = per_parameter_lr(model, float(inner["lr"]),
+                                        granularity="tensor" if mode == "per_layer" else "element")
     try:
         return optim.get(inner["name"], **kwargs)
     except (ValueError, TypeError) as e:
@@ -208,7 +270,7 @@ def build_inner(cfg: Mapping[str, Any]) -> Any:
 def build_maml(cfg: Mapping[str, Any], model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> MAML:
     """The MAML engine over ``model`` with the config's inner optimizer and steps."""
     inner = cfg["inner"]
-    return MAML(model, build_inner(cfg), inner["steps"], inner["first_order"], loss_fn,
+    return MAML(model, build_inner(cfg, model), inner["steps"], inner["first_order"], loss_fn,
                 eval_inner_steps=inner["eval_steps"])
 
 

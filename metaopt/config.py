@@ -47,7 +47,7 @@ import yaml
 from metaopt import optim
 from metaopt import outer as outer_mod
 from metaopt import tasks as tasks_mod
-from metaopt.build import INNER_OWN_KEYS, accepted_kwargs, model_factory, model_names
+from metaopt.build import INNER_OWN_KEYS, accepted_kwargs, learn_lr_mode, model_factory, model_names
 from metaopt.checks import ConfigError, check_choice, check_float, check_int, check_keys
 from metaopt.rundir import atomic_write
 from metaopt.tasks.base import default_models
@@ -90,7 +90,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "steps": Field("int", 1, min=0, help="inner steps during meta-training"),
         "eval_steps": Field("int", None, nullable=True, min=0, help="inner steps at validation/test (null: steps)"),
         "first_order": Field("bool", False, help="first-order MAML"),
-        "learn_lr": Field("bool", False, help="meta-learn the inner learning rate (a scalar tensor)"),
+        "learn_lr": Field("bool|str", False,
+                          help="meta-learn the inner lr, starting at inner.lr: false | true/scalar (one rate) | "
+                               "per_layer (one per parameter tensor) | per_element (Meta-SGD)"),
     },
     "outer": {
         "name": Field("str", "adam", choices=("adam", "adamw", "sgd", "adafactor"),
@@ -340,6 +342,9 @@ def _check_inner(inner: dict[str, Any]) -> None:
         raise ConfigError(f"config key 'inner.name': unknown inner optimizer {name!r}; known: {', '.join(optim.names())}")
     factory = optim.factory(name)
     _check_extra("inner", inner, _INNER_OWN, factory, f"inner optimizer {name!r}")
+    inner["learn_lr"] = learn_lr_mode(inner["learn_lr"]) or False  # true -> "scalar": one spelling each
+    if inner["learn_lr"] and inner["lr"] is None:
+        raise ConfigError("config key 'inner.learn_lr' needs an explicit inner.lr to start from")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in inner.items() if k not in _INNER_OWN}
     if inner["lr"] is not None:
         kwargs["lr"] = inner["lr"]
@@ -347,6 +352,13 @@ def _check_inner(inner: dict[str, Any]) -> None:
         optim.get(name, **kwargs)
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise ConfigError(f"config section 'inner' ({name}): {e}") from None
+    mode = inner["learn_lr"]
+    if mode in ("per_layer", "per_element"):  # the rates' form, on a stand-in (2, 3) weight
+        rate = torch.full(() if mode == "per_layer" else (2, 3), float(inner["lr"]))
+        try:
+            optim.get(name, **{**kwargs, "lr": {"weight": rate}})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"inner.learn_lr: {mode} does not fit inner optimizer {name!r}: {e}") from None
 
 
 def _check_outer(outer: dict[str, Any]) -> None:

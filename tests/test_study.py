@@ -28,7 +28,8 @@ def test_shipped_specs(spec: Path) -> None:
     assert study.config is not None and study.config.is_file() and study.seeds >= 3
     labels = [o.label for o in study.optimizers]
     assert {"sgd", "sgd_momentum", "adam", "rmsprop", "lion", "adafactor_torch", "adafactor_hf_scaled",
-            "adafactor_hf_unscaled", "adafactor_paper"} == set(labels)
+            "adafactor_hf_unscaled", "adafactor_paper",
+            "sgd_per_layer_lr", "adam_per_layer_lr", "adafactor_hf_unscaled_per_layer_lr"} == set(labels)
     base = config_mod.read_yaml(study.config)
     for o in study.optimizers:
         if o.label == "adafactor_paper":

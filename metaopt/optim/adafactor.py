@@ -25,6 +25,7 @@ formula in one batch of stacked ops.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional, cast
 
 import torch
@@ -80,7 +81,9 @@ class Adafactor:
 
     Args:
         lr: maximum relative step size ``rho_t`` (and weight-decay scale); float or tensor
-            (a 0-dim tensor requiring grad receives meta-gradients).
+            (a 0-dim tensor requiring grad receives meta-gradients), or a dict keyed like
+            params of one rate per tensor (numbers or 0-dim tensors: learned per-layer rates,
+            :func:`metaopt.optim.learned.per_parameter_lr` with ``granularity="tensor"``).
         beta2_decay: ``beta2_t = 1 - t ** beta2_decay``; must be <= 0.
         eps: ``(eps1, eps2)``: ``eps1`` floors the second moment (``None``: the dtype's
             machine epsilon), ``eps2`` floors the parameter RMS.
@@ -144,9 +147,7 @@ class Adafactor:
         grad_clip_norm: Optional[float] = None,
         grad_clip_value: Optional[float] = None,
     ) -> None:
-        if isinstance(lr, dict):
-            raise ValueError("Adafactor's lr must be a float, a 1-element tensor or a schedule f(count) -> lr "
-                             "(per-parameter rates: use T.adafactor chains or SGD/Adam) but is a dict")
+        _check_per_tensor(lr)
         check_lr(lr, "Learning rate should be >= 0 but is: {}")
         check_ge(-beta2_decay, 0.0, f"beta2_decay should be <= 0 but is: {beta2_decay}")
         eps1, eps2 = _check_eps(eps)
@@ -225,8 +226,7 @@ class Adafactor:
         if lr is None and not relative_step:
             raise ValueError("`relative_step=False` requires a learning rate `lr` but lr is: None")
         if lr is not None:
-            if isinstance(lr, dict):
-                raise ValueError("Adafactor's lr must be a float, a 1-element tensor or a schedule but is a dict")
+            _check_per_tensor(lr)
             check_lr(lr, "Learning rate should be >= 0 but is: {}")
         eps1, eps2 = _check_eps(eps)
         if eps1 is None:
@@ -379,11 +379,13 @@ class Adafactor:
         """``u = rho_t u`` (torch: ``min(lr, 1/sqrt(t))``; transformers: see ``_step_scalars``)."""
 
         def update(updates, state, params):
-            rho = {}
-            for u in updates.values():
-                if u.dtype not in rho:
-                    rho[u.dtype] = self._step_scalars(state.count, u.dtype)[1]
-            return {k: u * rho[u.dtype] for k, u in updates.items()}, T.CountState(state.count + 1)
+            rho = {}  # one step size per dtype, or per param with a dict lr
+            for k, u in updates.items():
+                key = k if isinstance(self.lr, dict) else u.dtype
+                if key not in rho:
+                    rho[key] = self._step_scalars(state.count, u.dtype, [k])[1].reshape(())
+            return ({k: u * rho[k if isinstance(self.lr, dict) else u.dtype] for k, u in updates.items()},
+                    T.CountState(state.count + 1))
 
         return T.GradientTransformation(lambda params: T.CountState(T._count(params)), update)
 
@@ -393,7 +395,7 @@ class Adafactor:
         def update(updates, state, params):
             out = {}
             for k, u in updates.items():
-                alpha = self._step_scalars(state.count, u.dtype)[1]
+                alpha = self._step_scalars(state.count, u.dtype, [k])[1].reshape(())
                 if self.scale_parameter:
                     alpha = alpha * torch.clamp(T._rms(params[k]), min=self.eps[1])
                 out[k] = u - (self.weight_decay * alpha) * params[k]
@@ -464,12 +466,13 @@ class Adafactor:
             grads = {k: g * coef.to(g.dtype) for k, g in grads.items()}
         return grads
 
-    def _step_scalars(self, count: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``w_t = t^beta2_decay`` and the step size ``rho_t`` (0-dim tensors of ``dtype``)."""
+    def _step_scalars(self, count: Tensor, dtype: torch.dtype, keys: Sequence[str] = ()) -> tuple[Tensor, Tensor]:
+        """``w_t = t^beta2_decay`` and the step size ``rho_t`` (0-dim tensors of ``dtype``;
+        with a dict lr ``rho_t`` is ``(len(keys),)``, one per param named in ``keys``)."""
         t = (count + 1).to(dtype)
         w = torch.pow(t, self.beta2_decay)
         inv_sqrt_t = torch.rsqrt(t)
-        lr = self._lr_now(count, t)
+        lr = self._lr_now(count, t, keys)
         if self._rho_rule == "min_lr":
             rho = _minimum(inv_sqrt_t, lr)
         elif self._rho_rule == "fixed":
@@ -497,8 +500,9 @@ class Adafactor:
         updates: dict[str, Tensor] = {}  # normalised update U per param (before clipping)
         for k, g in grads.items():
             dtype = g.dtype
-            if dtype not in scalars:
-                scalars[dtype] = self._step_scalars(state.count, dtype)
+            if dtype not in scalars:  # a dict lr: the rates of this dtype's params, in _apply's order
+                keys = [j for j, h in grads.items() if h.dtype == dtype] if isinstance(self.lr, dict) else ()
+                scalars[dtype] = self._step_scalars(state.count, dtype, keys)
             w, _ = scalars[dtype]
             e1 = torch.finfo(dtype).eps if eps1 is None else eps1
             g2 = torch.square(g)
@@ -569,7 +573,7 @@ class Adafactor:
                 p_scale = self._const(sqrt_n, norm_u)
             scale = scale * p_scale
             if self._use_wd:
-                decay = self._decay(p_scale, rho, sqrt_n, state.count)  # (P,) or scalar multiplier of p
+                decay = self._decay(p_scale, rho, sqrt_n, state.count, keys)  # (P,) or scalar multiplier of p
             for i, (k, s) in enumerate(zip(keys, scale.unbind(0))):
                 p = p32[k]
                 if self._use_wd:
@@ -593,17 +597,21 @@ class Adafactor:
             out = cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
         return out
 
-    def _lr_now(self, count: Tensor, like: Tensor) -> Any:
-        """``lr`` at this step (a schedule is called with the count), 0-d, in ``like``'s dtype."""
+    def _lr_now(self, count: Tensor, like: Tensor, keys: Sequence[str] = ()) -> Any:
+        """``lr`` at this step (a schedule is called with the count), 0-d, in ``like``'s dtype;
+        a dict lr gives the ``(len(keys),)`` stack of the rates of the params in ``keys``."""
+        if isinstance(self.lr, dict):
+            return torch.stack([torch.as_tensor(lr_at(self.lr, k, count, like), dtype=like.dtype,
+                                                device=like.device) for k in keys])
         return lr_at(self.lr, "", count, like)
 
-    def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float], count: Tensor) -> Any:
+    def _decay(self, p_scale: Tensor, rho: Tensor, sqrt_n: list[float], count: Tensor, keys: Sequence[str]) -> Any:
         """Multiplier of ``p`` for weight decay: ``1 - lr wd`` (torch), ``1 - wd alpha_t`` (HF)."""
         wd = self.weight_decay
         if not self._decay_by_step_size:
             # lr and wd in the params' dtype (a float32 tensor lr with float64 params would
             # otherwise round 1 - lr wd to float32); a (1,) lr is viewed 0-d.
-            return 1.0 - self._lr_now(count, p_scale) * cast_hyper(wd, p_scale)
+            return 1.0 - self._lr_now(count, p_scale, keys) * cast_hyper(wd, p_scale)
         inv_sqrt_n = self._const([1.0 / s for s in sqrt_n], p_scale)
         alpha = p_scale * inv_sqrt_n * rho if self.scale_parameter else rho
         return 1.0 - wd * alpha
@@ -617,6 +625,16 @@ def _extensions(kwargs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"Unknown Adafactor option(s): {unknown}; allowed extensions: {list(_EXTENSIONS)}")
     return kwargs
+
+
+def _check_per_tensor(lr: Any) -> None:
+    """A dict lr holds one rate per param tensor (the fused step stacks one scale per param,
+    see ``_apply``; per-weight Meta-SGD rates fit SGD/Adam-like rules)."""
+    if isinstance(lr, dict):
+        for k, v in lr.items():
+            if isinstance(v, Tensor) and v.dim() != 0:
+                raise ValueError(f"Adafactor's per-parameter lr takes one rate per tensor: lr[{k!r}] should be a "
+                                 f"number or a 0-dim tensor but has shape {tuple(v.shape)}")
 
 
 def _mean(x: Tensor, dim: int) -> Tensor:
