@@ -165,10 +165,10 @@ class LearnedAdafactor:
                              "(its per-element scale is the learned second moment)")
         if not is_number(beta2):
             raise ValueError(f"beta2 must be a float in (0, 1] but is: {beta2!r}")
-        if learn_beta2 and not 0.0 < beta2 < 1.0:
-            raise ValueError(f"beta2 should be in (0, 1) with learn_beta2=True (it is a sigmoid) but is: {beta2}")
         if not 0.0 < beta2 <= 1.0:
             raise ValueError(f"beta2 should be in (0, 1] but is: {beta2}")
+        if learn_beta2 and beta2 == 1.0:
+            raise ValueError(f"beta2 should be in (0, 1) with learn_beta2=True (it is a sigmoid) but is: {beta2}")
         check_hyper(eps, "eps")
         if not is_number(eps) or not eps >= 0:
             raise ValueError(f"eps should be a float >= 0 but is: {eps!r}")
