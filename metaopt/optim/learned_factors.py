@@ -229,13 +229,12 @@ class LearnedAdafactor:
         log_v: dict[str, Tensor] = {}
         for k, p in _named_params(params_or_model).items():
             dims = _factored_dims(p.shape, min_dim_size_to_factor)
-            kw = {"dtype": p.dtype, "device": p.device}
             if dims is None:
-                log_v[k] = nn.Parameter(torch.full(tuple(p.shape), math.log(init), **kw))
+                log_v[k] = nn.Parameter(torch.full(tuple(p.shape), math.log(init), dtype=p.dtype, device=p.device))
             else:
                 rs, cs = _factor_shapes(p.shape, dims)
-                log_row[k] = nn.Parameter(torch.zeros(rs, **kw))
-                log_col[k] = nn.Parameter(torch.full(cs, math.log(init), **kw))
+                log_row[k] = nn.Parameter(torch.zeros(rs, dtype=p.dtype, device=p.device))
+                log_col[k] = nn.Parameter(torch.full(cs, math.log(init), dtype=p.dtype, device=p.device))
         return cls(log_row, log_col, log_v, lr=lr, beta2=beta2, learn_beta2=learn_beta2, eps=eps,
                    clip_threshold=clip_threshold, min_dim_size_to_factor=min_dim_size_to_factor)
 
