@@ -16,6 +16,8 @@ Resumable: each run lives in ``--runs/<row>/seed<k>``; a finished run is reused,
 interrupted one resumed from its checkpoint, a run of another config or row refused. The
 report (``summary.json``, ``summary.md``, ``plots/``) goes to ``--results``; it uses the
 library's statistics (Student-t CIs over seeds, paired differences on the same test tasks).
+Each final checkpoint is tested after 10 inner steps (MAML's sinusoid protocol) and after 1
+(the training protocol, and Meta-SGD's own: its per-weight rates are learned for one step).
 
     python experiments/moonshot.py                             # 4 rows x 3 seeds x 5,000 iterations
     python experiments/moonshot.py --iterations 20 --seeds 1 --rows maml_sgd,learned_adafactor   # smoke
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from metaopt import config as config_mod
+from metaopt import stats
 from metaopt.build import build_outer
 from metaopt.compare_report import markdown_table, summarize_compare
 from metaopt.config import ConfigError
@@ -106,6 +109,27 @@ def learned_summary(maml: MAML) -> dict[str, Any]:
     return out
 
 
+def test_values_at(cfg: config_mod.Config, run_dir: Path, row: str, steps: int) -> dict[str, Any]:
+    """Per-task test metric of the run's final checkpoint after ``steps`` inner steps (the
+    same fixed test tasks), cached in ``results_test_{steps}step.json``; a diverged task is
+    ``None``."""
+    path = run_dir / f"results_test_{steps}step.json"
+    results = json.loads((run_dir / "results.json").read_text())
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("iteration") == results.get("iteration"):
+            return cached
+    trainer = make_trainer(cfg, run_dir, row)
+    trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt", trainer.device))
+    trainer.maml.eval_inner_steps = steps
+    test = trainer.evaluate("test")
+    assert test is not None
+    out = {"iteration": trainer.iteration, "inner_steps": steps, "tasks": test.tasks, "metric": test.metric,
+           "diverged_tasks": test.diverged_tasks, "values": test.values}
+    write_json(path, out)
+    return json.loads(path.read_text())  # non-finite values read back as None
+
+
 def run_one(cfg: config_mod.Config, run_dir: Path, row: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Train (or reuse, or resume) one run; a record as :func:`metaopt.runs.run_config` gives,
     plus the per-task test values (for paired differences) and ``learned.json``."""
@@ -151,12 +175,46 @@ def run_one(cfg: config_mod.Config, run_dir: Path, row: str, log: Callable[[str]
             "diverged": None if status == "ok" else {"iteration": trainer.iteration, "where": "test metric"}}
 
 
+def fmt(d: dict[str, Any]) -> str:
+    """``"+0.0123 ± 0.0040 (n = 600)"``, or the reason there is no difference."""
+    if d.get("mean") is None:
+        return d.get("note", "n/a")
+    ci = "n/a" if d["ci95"] is None else f"± {d['ci95']:.4f}"
+    return f"{d['mean']:+.4f} {ci} (n = {d['n']})"
+
+
+def one_step_pairs(one: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every pair of rows whose seeds all finished at 1 inner step: ``a - b`` over the same
+    test tasks (seed-mean per task) and over the same seeds, with Student-t CIs."""
+    live = {r: seeds for r, seeds in one.items() if seeds and not any(s["diverged_tasks"] for s in seeds)}
+    names = list(live)
+    per_task = {r: [math.fsum(vs) / len(vs) for vs in zip(*(s["values"] for s in seeds))] for r, seeds in live.items()}
+    per_seed = {r: [stats.mean_ci(s["values"]).mean for s in seeds] for r, seeds in live.items()}
+    out = []
+    for j, a in enumerate(names):
+        for b in names[:j]:
+            rec: dict[str, Any] = {"a": a, "b": b}
+            for key, xs, ys in (("over_tasks", per_task[a], per_task[b]), ("over_seeds", per_seed[a], per_seed[b])):
+                if len(xs) != len(ys):
+                    rec[key] = {"mean": None, "note": f"not paired: {len(xs)} vs {len(ys)}"}
+                    continue
+                d = stats.paired_difference(xs, ys)
+                rec[key] = {"mean": d.mean, "ci95": d.ci95, "std": d.std, "n": d.n}
+            out.append(rec)
+    return out
+
+
 def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]], out_dir: Path,
            extra: dict[str, Any]) -> dict[str, Any]:
     """``summary.json`` / ``summary.md``: the library's comparison table and paired
     differences, every pair of rows, and what each inner optimizer learned."""
     title = "sinusoid 10-shot: learned Adafactor factors vs Meta-SGD"
-    summary = summarize_compare(rows, out_dir, title=title, extra={**extra, "learned": learned})
+    one = extra.get("one_step") or {}
+    compact = {r: [{"mean": None if s["diverged_tasks"] else stats.mean_ci(s["values"]).mean,
+                    **{k: v for k, v in s.items() if k != "values"}} for s in seeds] for r, seeds in one.items()}
+    summary = summarize_compare(rows, out_dir, title=title,
+                                extra={**extra, "one_step": compact, "one_step_paired": one_step_pairs(one),
+                                       "learned": learned})
     metric = summary["metric"]
     lines = [f"# {title}", "", f"Command: `{extra['command']}`  ", f"Date: {extra['date']}  ",
              f"Hardware: {extra['hardware']}", "",
@@ -167,12 +225,25 @@ def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
              "All pairs (a − b, lower is better for mse):", "",
              "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
     for p in summary["paired"]:
-        def fmt(d: dict[str, Any]) -> str:
-            if d.get("mean") is None:
-                return d.get("note", "n/a")
-            ci = "n/a" if d["ci95"] is None else f"± {d['ci95']:.4f}"
-            return f"{d['mean']:+.4f} {ci} (n = {d['n']})"
         lines.append(f"| {p['a']} − {p['b']} | {fmt(p['over_tasks'])} | {fmt(p['over_seeds'])} |")
+    one = extra.get("one_step") or {}
+    if one:
+        lines += ["", "The same checkpoints after 1 inner step (the training protocol; Meta-SGD's own test "
+                  "protocol), same test tasks:", "",
+                  "| row | test mse (mean over seeds) | 95% CI over seeds (Student t) | per seed |", "|---|---|---|---|"]
+        for r in summary["rows"]:
+            seeds = one.get(r["inner"], [])
+            per = [None if s["diverged_tasks"] else stats.mean_ci(s["values"]).mean for s in seeds]
+            ok = [v for v in per if v is not None]
+            m = stats.mean_ci(ok) if ok else None
+            cell = "n/a" if m is None else f"{m.mean:.4f}"
+            ci = "n/a" if m is None or m.ci95 is None else f"± {m.ci95:.4f}"
+            per_txt = ", ".join("diverged" if v is None else f"{v:.4f}" for v in per)
+            lines.append(f"| {r['inner']} | {cell} | {ci} | {per_txt} |")
+        lines += ["", "Paired differences after 1 inner step (a − b):", "",
+                  "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
+        for p in one_step_pairs(one):
+            lines.append(f"| {p['a']} − {p['b']} | {fmt(p['over_tasks'])} | {fmt(p['over_seeds'])} |")
     lines += ["", "Meta-parameters and what was learned (per seed):", "",
               "| row | rule | inner meta-parameters | model meta-parameters | learned beta2 | first-step lr per weight: "
               "min / median / max (negative share) |", "|---|---|---|---|---|---|"]
@@ -220,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     records: list[dict[str, Any]] = []
     learned: dict[str, list[dict[str, Any]]] = {}
+    one_step: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         runs = []
         for k in range(args.seeds):
@@ -229,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as e:
                 print(f"moonshot: error: {e}", file=sys.stderr)
                 return 2
+            if runs[-1]["results"] is not None:  # trained to the end (its test may have diverged)
+                one_step.setdefault(row, []).append(test_values_at(cfg, Path(runs[-1]["run_dir"]), row, 1))
             learned_path = Path(runs[-1]["run_dir"]) / "learned.json"
             if learned_path.is_file():
                 learned.setdefault(row, []).append(json.loads(learned_path.read_text()))
@@ -240,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "hardware": args.hardware, "torch": torch.__version__, "config": str(CONFIG.relative_to(REPO)),
              "overrides": overrides, "iterations": args.iterations, "seeds": args.seeds,
-             "model_parameters": model_parameters}
+             "model_parameters": model_parameters, "one_step": one_step}
     report(records, learned, Path(args.results), extra)
     print(f"moonshot: {Path(args.results) / 'summary.md'}")
     return 0
