@@ -39,20 +39,10 @@ from torch import Tensor, nn
 from metaopt.optim._util import cast_hyper, check_hyper, check_inputs, check_lr, is_number
 from metaopt.optim.adafactor import AdafactorState
 from metaopt.optim.factored import _factored_dims
+from metaopt.optim.learned import _named_params
 from metaopt.types import Grads, Params, Scalar
 
 __all__ = ["LearnedAdafactor"]
-
-
-def _named_params(params_or_model: Union[nn.Module, Params]) -> Params:
-    if isinstance(params_or_model, nn.Module):
-        return {k: p for k, p in params_or_model.named_parameters() if p.requires_grad}
-    if isinstance(params_or_model, dict):
-        return params_or_model
-    raise TypeError(
-        "expected an nn.Module or a dict[str, Tensor] of params but got "
-        f"{type(params_or_model).__name__}"
-    )
 
 
 def _factor_shapes(shape: torch.Size, dims: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
