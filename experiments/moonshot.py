@@ -7,6 +7,8 @@ fixed test tasks):
 
 * ``maml_sgd``           MAML, SGD lr 0.01 (the lr chosen on validation in the study);
 * ``meta_sgd``           Meta-SGD: a learned lr per weight, initialised at 0.01;
+* ``meta_sgd_layer``     a learned lr per parameter tensor (6 numbers; MAML++'s LSLR without
+  the per-step dimension): does a per-layer rate already explain the gain?
 * ``learned_adafactor``  :class:`metaopt.optim.LearnedAdafactor`: learned initial row/column
   second-moment factors (V0 = 1, so lr 0.01 / sqrt(V0) = SGD's first step) and a learned
   constant beta2 (initialised at 0.999);
@@ -16,10 +18,10 @@ Resumable: each run lives in ``--runs/<row>/seed<k>``; a finished run is reused,
 interrupted one resumed from its checkpoint, a run of another config or row refused. The
 report (``summary.json``, ``summary.md``, ``plots/``) goes to ``--results``; it uses the
 library's statistics (Student-t CIs over seeds, paired differences on the same test tasks).
-Each final checkpoint is tested after 10 inner steps (MAML's sinusoid protocol) and after 1
-(the training protocol, and Meta-SGD's own: its per-weight rates are learned for one step).
+Each final checkpoint is tested after 10 inner steps (MAML's sinusoid protocol) and after 1, 2
+and 5 (1: the training protocol, and Meta-SGD's own: its rates are learned for one step).
 
-    python experiments/moonshot.py                             # 4 rows x 3 seeds x 5,000 iterations
+    python experiments/moonshot.py                             # 5 rows x 3 seeds x 5,000 iterations
     python experiments/moonshot.py --iterations 20 --seeds 1 --rows maml_sgd,learned_adafactor   # smoke
 """
 
@@ -54,12 +56,15 @@ from metaopt.train import Trainer
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/sinusoid_10shot.yaml"
 LR = 0.01  # SGD's inner lr, chosen on validation tasks in results/study/sinusoid_10shot
+SWEEP = (1, 2, 5)  # inner steps at test besides the protocol's 10 (1: the training protocol)
 
 #: row -> (what it is, tuning note, inner optimizer for the model or None for the config's SGD).
 ROWS: dict[str, tuple[str, dict[str, Any], Callable[[nn.Module], Any] | None]] = {
     "maml_sgd": ("MAML, SGD lr 0.01", {"inner.lr": LR}, None),
     "meta_sgd": ("Meta-SGD, a learned lr per weight (init 0.01)", {"lr init": LR},
                  lambda m: MetaSGD.from_model(m, LR)),
+    "meta_sgd_layer": ("Meta-SGD per layer: a learned lr per parameter tensor (init 0.01)", {"lr init": LR},
+                       lambda m: MetaSGD.from_model(m, LR, granularity="tensor")),
     "learned_adafactor": (
         "learned initial Adafactor factors (V0 = 1) + learned beta2 (init 0.999), lr 0.01",
         {"lr": LR, "V0": 1.0, "beta2 init": 0.999},
@@ -92,7 +97,9 @@ def learned_summary(maml: MAML) -> dict[str, Any]:
     out: dict[str, Any] = {"meta_parameters": sum(p.numel() for p in maml.inner_hparams.values())}
     with torch.no_grad():
         if isinstance(inner, MetaSGD):
-            rates = torch.cat([v.flatten() for v in inner.lr.values()]).double()
+            # a per-tensor rate counts once for every weight it scales
+            rates = torch.cat([torch.broadcast_to(inner.lr[k], p.shape).flatten()
+                               for k, p in maml.model.named_parameters()]).double()
         elif isinstance(inner, LearnedAdafactor):
             if inner.beta2_logit is not None:
                 out["beta2"] = float(torch.sigmoid(inner.beta2_logit.double()))
@@ -209,11 +216,13 @@ def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
     """``summary.json`` / ``summary.md``: the library's comparison table and paired
     differences, every pair of rows, and what each inner optimizer learned."""
     title = "sinusoid 10-shot: learned Adafactor factors vs Meta-SGD"
-    one = extra.get("one_step") or {}
-    compact = {r: [{"mean": None if s["diverged_tasks"] else stats.mean_ci(s["values"]).mean,
-                    **{k: v for k, v in s.items() if k != "values"}} for s in seeds] for r, seeds in one.items()}
+    sweep = extra.pop("sweep", None) or {}
+    one = {r: by_steps[1] for r, by_steps in sweep.items() if 1 in by_steps}
+    compact = {r: {steps: [{"mean": None if s["diverged_tasks"] else stats.mean_ci(s["values"]).mean,
+                            **{k: v for k, v in s.items() if k != "values"}} for s in seeds]
+                   for steps, seeds in by_steps.items()} for r, by_steps in sweep.items()}
     summary = summarize_compare(rows, out_dir, title=title,
-                                extra={**extra, "one_step": compact, "one_step_paired": one_step_pairs(one),
+                                extra={**extra, "test_steps_sweep": compact, "one_step_paired": one_step_pairs(one),
                                        "learned": learned})
     metric = summary["metric"]
     lines = [f"# {title}", "", f"Command: `{extra['command']}`  ", f"Date: {extra['date']}  ",
@@ -226,7 +235,25 @@ def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
              "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
     for p in summary["paired"]:
         lines.append(f"| {p['a']} − {p['b']} | {fmt(p['over_tasks'])} | {fmt(p['over_seeds'])} |")
-    one = extra.get("one_step") or {}
+    if sweep:
+        steps_list = sorted({k for by_steps in sweep.values() for k in by_steps})
+        lines += ["", "Test mse by the number of inner steps at test (mean over seeds; a seed whose test diverged "
+                  "on some tasks is reported, never averaged):", "",
+                  "| row | " + " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in steps_list) + " | 10 steps |",
+                  "|---|" + "---|" * (len(steps_list) + 1)]
+        for r in summary["rows"]:
+            cells = []
+            for k in steps_list:
+                seeds = compact.get(r["inner"], {}).get(k, [])
+                bad = [s["diverged_tasks"] for s in seeds if s["diverged_tasks"]]
+                ok = [s["mean"] for s in seeds if s["mean"] is not None]
+                if bad:
+                    cells.append(f"diverged ({len(bad)} of {len(seeds)} seeds, {min(bad)}–{max(bad)} of "
+                                 f"{seeds[0]['tasks']} tasks)")
+                else:
+                    cells.append(f"{stats.mean_ci(ok).mean:.4f}" if ok else "n/a")
+            ten = "diverged" if r["mean"] is None else f"{r['mean']:.4f}"
+            lines.append(f"| {r['inner']} | " + " | ".join(cells) + f" | {ten} |")
     if one:
         lines += ["", "The same checkpoints after 1 inner step (the training protocol; Meta-SGD's own test "
                   "protocol), same test tasks:", "",
@@ -291,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     records: list[dict[str, Any]] = []
     learned: dict[str, list[dict[str, Any]]] = {}
-    one_step: dict[str, list[dict[str, Any]]] = {}
+    sweep: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for row in rows:
         runs = []
         for k in range(args.seeds):
@@ -302,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"moonshot: error: {e}", file=sys.stderr)
                 return 2
             if runs[-1]["results"] is not None:  # trained to the end (its test may have diverged)
-                one_step.setdefault(row, []).append(test_values_at(cfg, Path(runs[-1]["run_dir"]), row, 1))
+                for steps in SWEEP:
+                    sweep.setdefault(row, {}).setdefault(steps, []).append(
+                        test_values_at(cfg, Path(runs[-1]["run_dir"]), row, steps))
             learned_path = Path(runs[-1]["run_dir"]) / "learned.json"
             if learned_path.is_file():
                 learned.setdefault(row, []).append(json.loads(learned_path.read_text()))
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "hardware": args.hardware, "torch": torch.__version__, "config": str(CONFIG.relative_to(REPO)),
              "overrides": overrides, "iterations": args.iterations, "seeds": args.seeds,
-             "model_parameters": model_parameters, "one_step": one_step}
+             "model_parameters": model_parameters, "sweep": sweep}
     report(records, learned, Path(args.results), extra)
     print(f"moonshot: {Path(args.results) / 'summary.md'}")
     return 0

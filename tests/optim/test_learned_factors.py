@@ -265,8 +265,8 @@ def test_moonshot_experiment_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert all(r["finite_seeds"] == 2 and r["iterations"] == 2 and r["tasks"] == 4 for r in data["rows"])
     assert [s["meta_parameters"] for s in data["learned"]["learned_adafactor"]] == [244, 244]
     assert {(p["a"], p["b"]) for p in data["paired"]} >= {("learned_adafactor", "meta_sgd")}
-    assert [len(data["one_step"][r]) for r in ("maml_sgd", "meta_sgd", "learned_adafactor")] == [2, 2, 2]
-    assert all(s["inner_steps"] == 1 and s["tasks"] == 4 for s in data["one_step"]["meta_sgd"])
+    assert [len(data["test_steps_sweep"][r]["1"]) for r in ("maml_sgd", "meta_sgd", "learned_adafactor")] == [2, 2, 2]
+    assert all(s["inner_steps"] == 5 and s["tasks"] == 4 for s in data["test_steps_sweep"]["meta_sgd"]["5"])
     md = (tmp_path / "res/summary.md").read_text()
     assert "learned_adafactor − meta_sgd" in md and "1761" in md
     # A rerun reuses every finished run (their results files are left as they were).
