@@ -32,6 +32,7 @@ import datetime
 import json
 import math
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def run_one(cfg: config_mod.Config, run_dir: Path, row: str, log: Callable[[str]
             results = json.loads(res_path.read_text())
             if results.get("iteration") == cfg["train"]["iterations"]:
                 log(f"[moonshot] {row} {run_dir.name}: finished, reused")
-                return {"run_dir": str(run_dir), "status": "ok", "results": results, "diverged": None}
+                return record(run_dir, results)
     trainer = make_trainer(cfg, run_dir, row)
     ckpt = run_dir / "checkpoints" / "last.pt"
     if ckpt.is_file():
@@ -177,9 +178,18 @@ def run_one(cfg: config_mod.Config, run_dir: Path, row: str, log: Callable[[str]
     write_json(run_dir / "results_test_values.json",
                {"iteration": trainer.iteration, "tasks": test.tasks, "metric": test.metric, "values": test.values})
     write_json(run_dir / "learned.json", learned_summary(trainer.maml))
-    status = "ok" if results.get("mean") is not None and math.isfinite(results["mean"]) else "diverged"
-    return {"run_dir": str(run_dir), "status": status, "results": results,
-            "diverged": None if status == "ok" else {"iteration": trainer.iteration, "where": "test metric"}}
+    return record(run_dir, results)
+
+
+def record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """A finished run as :func:`metaopt.runs.run_config` records it: a run whose test metric
+    is not finite on some tasks (``mean`` is ``None``) is "diverged", reported, never averaged."""
+    if results.get("mean") is not None and math.isfinite(results["mean"]):
+        return {"run_dir": str(run_dir), "status": "ok", "results": results, "diverged": None}
+    found = re.search(r"on \d+ of \d+ tasks", str(results.get("diverged") or ""))
+    where = "test metric" + (f" ({found.group(0)})" if found else "")
+    info = {"iteration": results.get("iteration"), "where": where, "message": results.get("diverged")}
+    return {"run_dir": str(run_dir), "status": "diverged", "results": results, "diverged": info}
 
 
 def fmt(d: dict[str, Any]) -> str:
