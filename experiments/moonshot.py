@@ -286,7 +286,7 @@ def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
               "min / median / max (negative share) |", "|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         seeds = learned.get(r["inner"], [])
-        counts = sorted({s.get("meta_parameters") for s in seeds})
+        counts = sorted({int(s["meta_parameters"]) for s in seeds})
         beta2 = ", ".join(f"{s['beta2']:.4f}" for s in seeds if "beta2" in s) or "—"
         lrs = "; ".join(f"{s['first_step_lr']['min']:.4g} / {s['first_step_lr']['median']:.4g} / "
                         f"{s['first_step_lr']['max']:.4g} ({100 * s['first_step_lr']['negative_fraction']:.1f}%)"
