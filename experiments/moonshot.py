@@ -12,7 +12,10 @@ fixed test tasks):
 * ``learned_adafactor``  :class:`metaopt.optim.LearnedAdafactor`: learned initial row/column
   second-moment factors (V0 = 1, so lr 0.01 / sqrt(V0) = SGD's first step) and a learned
   constant beta2 (initialised at 0.999);
-* ``factored_meta_sgd``  the same with beta2 = 1 fixed: a learned rank-one preconditioner.
+* ``factored_meta_sgd``  the same with beta2 = 1 fixed: a learned rank-one preconditioner;
+* ``log_meta_sgd``       the same unfactored: a positive rate per weight learned in log space
+  (Meta-SGD's 1761 numbers, the factors' parametrisation): is it the rank-one structure, or
+  positive log-space rates, that matter?
 
 Resumable: each run lives in ``--runs/<row>/seed<k>``; a finished run is reused, an
 interrupted one resumed from its checkpoint, a run of another config or row refused. The
@@ -21,7 +24,7 @@ library's statistics (Student-t CIs over seeds, paired differences on the same t
 Each final checkpoint is tested after 10 inner steps (MAML's sinusoid protocol) and after 1, 2
 and 5 (1: the training protocol, and Meta-SGD's own: its rates are learned for one step).
 
-    python experiments/moonshot.py                             # 5 rows x 3 seeds x 5,000 iterations
+    python experiments/moonshot.py                             # 6 rows x 3 seeds x 5,000 iterations
     python experiments/moonshot.py --iterations 20 --seeds 1 --rows maml_sgd,learned_adafactor   # smoke
 """
 
@@ -74,6 +77,11 @@ ROWS: dict[str, tuple[str, dict[str, Any], Callable[[nn.Module], Any] | None]] =
         "learned initial Adafactor factors (V0 = 1), beta2 = 1 fixed (rank-one learned preconditioner), lr 0.01",
         {"lr": LR, "V0": 1.0, "beta2": 1.0},
         lambda m: LearnedAdafactor.from_model(m, lr=LR, init=1.0, beta2=1.0, learn_beta2=False)),
+    "log_meta_sgd": (
+        "Meta-SGD with positive rates learned in log space: unfactored learned V0 per weight, beta2 = 1, "
+        "rate lr / sqrt(V0), lr 0.01",
+        {"lr": LR, "V0": 1.0, "beta2": 1.0},
+        lambda m: LearnedAdafactor.from_model(m, lr=LR, init=1.0, beta2=1.0, learn_beta2=False, factored=False)),
 }
 
 

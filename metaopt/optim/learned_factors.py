@@ -97,6 +97,9 @@ class LearnedAdafactor:
             ``nn.Parameter`` (so it is meta-learned).
         eps: added to ``V`` under the square root (>= 0).
         clip_threshold: Adafactor's update clipping threshold ``d`` (> 0), or ``None`` (off).
+        factored: ``False`` learns the full initial second moment of every param (``n*m``
+            numbers per matrix, as many as Meta-SGD: with ``beta2 = 1`` it is Meta-SGD with
+            positive rates ``lr / sqrt(V0)`` learned in log space).
         min_dim_size_to_factor: ``None``: Adafactor's reference rule (last two dims); an
             int: optax's rule (two largest dims, both at least this size).
 
@@ -135,6 +138,7 @@ class LearnedAdafactor:
         learn_beta2: bool = False,
         eps: float = 1e-30,
         clip_threshold: Optional[float] = None,
+        factored: bool = True,
         min_dim_size_to_factor: Optional[int] = None,
     ) -> None:
         for name, d in (("log_row", log_row), ("log_col", log_col), ("log_v", log_v)):
@@ -175,6 +179,7 @@ class LearnedAdafactor:
         self.lr = lr
         self.eps = float(eps)
         self.clip_threshold = clip_threshold
+        self.factored = bool(factored)
         self.min_dim_size_to_factor = min_dim_size_to_factor
         self.beta2: float = float(beta2)
         self.beta2_logit: Optional[nn.Parameter] = None
@@ -196,6 +201,7 @@ class LearnedAdafactor:
         learn_beta2: bool = True,
         eps: float = 1e-30,
         clip_threshold: Optional[float] = None,
+        factored: bool = True,
         min_dim_size_to_factor: Optional[int] = None,
     ) -> "LearnedAdafactor":
         """Factors for every parameter of a model (that requires grad) or params dict.
@@ -218,7 +224,7 @@ class LearnedAdafactor:
         log_col: dict[str, Tensor] = {}
         log_v: dict[str, Tensor] = {}
         for k, p in _named_params(params_or_model).items():
-            dims = _factored_dims(p.shape, min_dim_size_to_factor)
+            dims = _factored_dims(p.shape, min_dim_size_to_factor) if factored else None
             if dims is None:
                 log_v[k] = nn.Parameter(torch.full(tuple(p.shape), math.log(init), dtype=p.dtype, device=p.device))
             else:
@@ -226,7 +232,7 @@ class LearnedAdafactor:
                 log_row[k] = nn.Parameter(torch.zeros(rs, dtype=p.dtype, device=p.device))
                 log_col[k] = nn.Parameter(torch.full(cs, math.log(init), dtype=p.dtype, device=p.device))
         return cls(log_row, log_col, log_v, lr=lr, beta2=beta2, learn_beta2=learn_beta2, eps=eps,
-                   clip_threshold=clip_threshold, min_dim_size_to_factor=min_dim_size_to_factor)
+                   clip_threshold=clip_threshold, factored=factored, min_dim_size_to_factor=min_dim_size_to_factor)
 
     def __repr__(self) -> str:
         beta2 = "learned" if self.beta2_logit is not None else self.beta2
@@ -241,6 +247,10 @@ class LearnedAdafactor:
         if isinstance(self.lr, Tensor) and self.lr.requires_grad:
             n += self.lr.numel()
         return n
+
+    def factored_dims(self, shape: torch.Size) -> Optional[tuple[int, int]]:
+        """The two dims ``(a, b)`` whose second moment is factored, or ``None`` (Adafactor's rule)."""
+        return _factored_dims(shape, self.min_dim_size_to_factor) if self.factored else None
 
     def _beta2(self, like: Tensor) -> tuple[Union[float, Tensor], Union[float, Tensor]]:
         """``(beta2, 1 - beta2)``; the second as ``sigmoid(-logit)``, exact near beta2 = 1."""
@@ -261,7 +271,7 @@ class LearnedAdafactor:
                              f"full: {sorted(self.log_v)}, params: {sorted(params)}")
         row, col, full = {}, {}, {}
         for k, p in params.items():
-            dims = _factored_dims(p.shape, self.min_dim_size_to_factor)
+            dims = self.factored_dims(p.shape)
             if k in self.log_v:
                 want = [(tuple(p.shape), self.log_v[k])]
                 if dims is not None:
@@ -295,7 +305,7 @@ class LearnedAdafactor:
             b2, w = self._beta2(g)
             g2 = torch.square(g)
             if k in state.row:
-                dims = _factored_dims(g.shape, self.min_dim_size_to_factor)
+                dims = self.factored_dims(g.shape)
                 if dims is None:  # init factored exactly these params; a reshaped grad is a caller bug
                     raise ValueError(f"gradient {k!r} of shape {tuple(g.shape)} no longer has two factorable dims")
                 a, b = dims

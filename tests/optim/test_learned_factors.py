@@ -135,6 +135,22 @@ def test_initial_state_of_ones_with_beta2_one_is_sgd() -> None:
         torch.testing.assert_close(p1[k].detach(), p2[k], rtol=1e-6, atol=1e-7)
 
 
+def test_unfactored_with_beta2_one_is_meta_sgd_with_rates_lr_over_sqrt_v0() -> None:
+    g = torch.Generator().manual_seed(8)
+    params = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64), "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    opt = LearnedAdafactor.from_model(params, lr=0.05, beta2=1.0, learn_beta2=False, factored=False)
+    assert opt.log_row == {} and opt.log_v["w"].shape == (4, 3)
+    _randomise(opt, seed=9)
+    meta_sgd = MetaSGD({k: 0.05 * torch.exp(-0.5 * v.detach()) for k, v in opt.log_v.items()})
+    p1, s1, p2, s2 = params, opt.init(params), params, meta_sgd.init(params)
+    for _ in range(3):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+        p1, s1 = opt.step(p1, grads, s1)
+        p2, s2 = meta_sgd.step(p2, grads, s2)
+    for k in params:
+        torch.testing.assert_close(p1[k].detach(), p2[k], rtol=1e-12, atol=1e-12)
+
+
 def test_ema_steps_match_the_rule_written_elementwise() -> None:
     """beta2 < 1: the factored recursion against loops over rows and columns."""
     g = torch.Generator().manual_seed(6)
@@ -192,6 +208,7 @@ def test_counts_are_n_plus_m_per_matrix() -> None:
     meta_sgd = MAML(model, MetaSGD.from_model(model), loss_fn=F.mse_loss)
     assert sum(p.numel() for p in learned.inner_hparams.values()) == 244
     assert sum(p.numel() for p in meta_sgd.inner_hparams.values()) == sum(p.numel() for p in model.parameters()) == 1761
+    assert LearnedAdafactor.from_model(model, factored=False, learn_beta2=False).num_meta_parameters() == 1761
 
 
 def test_maml_registers_the_factors_and_state_dict_round_trips() -> None:
