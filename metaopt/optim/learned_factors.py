@@ -12,7 +12,12 @@ Why not Adafactor's own decay: with ``beta2_t = 1 - t^-0.8`` the EMA weight of t
 the first gradient and a learned initial state would receive no meta-gradient. Here the
 decay is a constant ``beta2`` (optionally meta-learned through a sigmoid), so the initial
 factors weigh ``beta2^t`` after ``t`` steps; with ``beta2 = 1`` they are never overwritten
-and the rule is "factored Meta-SGD": ``p -= lr * g / sqrt(R C / mean(R))``.
+and the rule is "factored Meta-SGD": ``p -= lr * g / sqrt(R C / mean(R))``. With
+``factored=False`` every param gets a full learned ``V0``: Meta-SGD with positive rates
+``lr / sqrt(V0)`` learned in log space.
+
+Measured against MAML and Meta-SGD on sinusoid 10-shot by ``experiments/moonshot.py``
+(report: ``results/study/moonshot/summary.md``).
 
 Example:
     >>> import torch
