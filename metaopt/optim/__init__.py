@@ -22,6 +22,7 @@ from metaopt.optim.adafactor import Adafactor, AdafactorState
 from metaopt.optim.adam import Adam, Adamax, AdamW, NAdam, RAdam
 from metaopt.optim.base import InnerOptimizer
 from metaopt.optim.chain import Chained
+from metaopt.optim.learned_factors import LearnedAdafactor
 from metaopt.optim.lion import Lion
 from metaopt.optim.muon import Muon
 from metaopt.optim.registry import allowed_kwargs, factory, get, names, register, unregister
@@ -38,6 +39,7 @@ __all__ = [
     "Adamax",
     "Chained",
     "InnerOptimizer",
+    "LearnedAdafactor",
     "Lion",
     "Muon",
     "NAdam",
