@@ -23,6 +23,7 @@ from metaopt.maml import MAML, MetaLossOutput, default_vectorize
 from metaopt.models import MLP, BatchNorm, Conv4
 from metaopt.optim import SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, InnerOptimizer, Lion, Muon, NAdam, RAdam, RMSprop
 from metaopt.optim.learned import MetaSGD, per_parameter_lr
+from metaopt.optim.learned_factors import LearnedAdafactor
 from metaopt.tasks import Omniglot, Sinusoid, TaskBatch
 from metaopt.types import Buffers, Grads, Params, State
 from metaopt.verify import VerifyReport, verify  # the function shadows its module's name
@@ -62,6 +63,7 @@ __all__ = [
     "Lion",
     "Muon",
     "MetaSGD",
+    "LearnedAdafactor",
     "per_parameter_lr",
     "InnerOptimizer",
     "MLP",
