@@ -16,11 +16,13 @@ Runs go to --runs/<setting>, reports to --results/<setting>/ and --results/READM
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from metaopt.config import ConfigError
 from metaopt.study import load_study, run_study
+from metaopt.train import TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = [str(REPO / "configs/study/sinusoid_10shot.yaml"), str(REPO / "configs/study/sinusoid_5shot.yaml")]
@@ -49,9 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"study: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # Ctrl-C / SIGTERM inside a run: its checkpoint is saved
+        print(f"study: {e}; re-run the same command to continue (finished runs are reused)", file=sys.stderr)
+        return 128 + int(e.signum)
+    except KeyboardInterrupt:  # between runs (or SIGTERM there, see below)
+        print("study: interrupted; re-run the same command to continue (finished runs are reused)", file=sys.stderr)
+        return 130
     print(f"index: {Path(args.results) / 'README.md'}")
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM between runs stops like Ctrl-C; inside a run the trainer saves first
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -104,3 +104,31 @@ def test_study_script_end_to_end_and_resumable(tmp_path: Path, capsys: pytest.Ca
     assert "[compare]" not in capsys.readouterr().err
     assert mod.main(argv[:1] + argv[3:]) == 2
     assert "no_such_opt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_study_script_stops_with_a_line_not_a_traceback(tmp_path: Path, sig: str) -> None:
+    # Ctrl-C or SIGTERM in the middle of a run: the run's checkpoint is saved, the script
+    # says how to continue in one line and exits 128 + signal, with no traceback.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "opts.yaml").write_text("optimizers:\n  - {label: sgd, name: sgd}\n")
+    (tmp_path / "long.yaml").write_text(
+        f"name: long\nconfig: {REPO / 'configs/sinusoid_10shot.yaml'}\noptimizers: opts.yaml\nseeds: 1\n"
+        "overrides: [train.progress=false, train.tensorboard=false, train.plots=false]\n"
+        "budget: [train.iterations=1000000, train.eval_every=0, train.checkpoint_every=0]\n")
+    proc = subprocess.Popen([sys.executable, str(REPO / "experiments/study.py"), str(tmp_path / "long.yaml"),
+                             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--device", "cpu"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    metrics = tmp_path / "runs/long/sgd/seed0/metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    assert "Traceback" not in err and "re-run the same command to continue" in err
+    assert (tmp_path / "runs/long/sgd/seed0/checkpoints/last.pt").is_file()
