@@ -14,6 +14,7 @@ optimizer arithmetic in the graph, so the optimizer's share grows with the inner
     python experiments/optimizer_state.py --out results/study/state_memory
     python experiments/optimizer_state.py --no-memory                       # sizes only, seconds
     python experiments/optimizer_state.py --resolution 32 --width 0.25 --steps 1  # quick look
+    python experiments/optimizer_state.py --render results/study/state_memory/summary.json
 """
 
 from __future__ import annotations
@@ -248,21 +249,24 @@ def markdown(res: dict[str, Any]) -> str:
               f"{m['resolution']}x{m['resolution']}x3, 5-way 1-shot, {m['queries']} queries/class, "
               f"meta-batch {m['meta_batch']}, {'vectorised' if m['vectorize'] else 'per-task loop'}", "",
               f"Method: {res['memory'][0].get('method', '')}.", "",
-              "| inner optimizer | inner steps | peak (MiB) | minus SGD's (MiB) | per inner step (MiB) | "
+              "| inner optimizer | inner steps | peak (MiB) | / SGD's | minus SGD's (MiB) | per inner step (MiB) | "
               "state per task | (minus SGD) / state | seconds (warm-up + measured) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         sgd = {r["steps"]: r.get("peak_bytes") for r in res["memory"] if r["inner"] == "sgd"}
         for r in res["memory"]:
             if "error" in r:
-                L.append(f"| {r['inner']} | {r['steps']} | {r['error']} | | | | | |")
+                L.append(f"| {r['inner']} | {r['steps']} | {r['error']} | | | | | | |")
                 continue
             base = sgd.get(r["steps"])
-            d = r["peak_bytes"] - base if base is not None and r["inner"] != "sgd" else None
             st = r["state_bytes"]  # of the measured model
-            L.append(f"| {r['inner']} | {r['steps']} | {mib(r['peak_bytes'])} | "
-                     f"{mib(d) if d is not None else '—'} | {mib(d / r['steps']) if d is not None else '—'} | "
-                     f"{size(st)} | {f'{d / st:.2f}' if d is not None else '—'} | "
-                     f"{r['seconds_two_steps']:.0f} |")
+            if base is None or r["inner"] == "sgd":
+                rel = delta = per_step = ratio = "—"
+            else:
+                d = r["peak_bytes"] - base
+                rel, delta, per_step = f"{r['peak_bytes'] / base:.3f}", mib(d), mib(d / r["steps"])
+                ratio = f"{d / st:.2f}"
+            L.append(f"| {r['inner']} | {r['steps']} | {mib(r['peak_bytes'])} | {rel} | {delta} | {per_step} | "
+                     f"{size(st)} | {ratio} | {r['seconds_two_steps']:.0f} |")
     return "\n".join(L) + "\n"
 
 
@@ -280,10 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=15, help="query examples per class")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=None, help="folder for summary.md and summary.json")
+    p.add_argument("--render", default=None, metavar="SUMMARY_JSON",
+                   help="rewrite the markdown next to an earlier run's summary.json (no measuring)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.render is not None:
+        path = Path(args.render)
+        md = markdown(json.loads(path.read_text()))
+        path.with_name("summary.md").write_text(md)
+        print(md)
         return 0
 
     res: dict[str, Any] = {
