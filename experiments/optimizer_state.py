@@ -14,7 +14,7 @@ optimizer arithmetic in the graph, so the optimizer's share grows with the inner
     python experiments/optimizer_state.py --out results/study/state_memory
     python experiments/optimizer_state.py --no-memory                       # sizes only, seconds
     python experiments/optimizer_state.py --resolution 32 --width 0.25 --steps 1  # quick look
-    python experiments/optimizer_state.py --render results/study/state_memory/summary.json
+    python experiments/optimizer_state.py --memory-from results/study/state_memory/measured.json  # no re-measuring
 """
 
 from __future__ import annotations
@@ -145,6 +145,46 @@ def shape_breakdown(model: str, inners: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def graph_bytes(opt: Any, params: dict[str, Tensor], steps: int = 1, seed: int = 0) -> int:
+    """Bytes autograd keeps for the backward of ``steps`` differentiable ``opt.step`` calls,
+    as in second-order MAML (params and gradients require grad): every tensor saved for
+    backward, each storage counted once, leaving out the initial params and state (alive
+    anyway). Gradients count when the update saves them: SGD's ``p - lr g`` does not, so
+    there the inner gradient is freed; ``g * g`` does, so Adam keeps it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    state = opt.init(p)
+    alive = {t.untyped_storage().data_ptr() for t in [*p.values(), *tree_leaves(state)] if isinstance(t, Tensor)}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in alive:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for _ in range(steps):  # random gradients: the shapes, not the values, set the sizes
+            grads = {k: torch.randn(v.shape, generator=gen).requires_grad_() for k, v in params.items()}
+            p, state = opt.step(p, grads, state)
+    return sum(kept.values())
+
+
+def graph_table(model: str, inners: list[str], steps: list[int]) -> list[dict[str, Any]]:
+    """Per inner optimizer: state bytes and bytes kept by the graph for 1..k inner steps."""
+    params = {k: p.detach() for k, p in build_model(model).named_parameters()}
+    p_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    rows = []
+    for label in inners:
+        name, kwargs = INNERS[label]
+        opt = metaopt.optim.get(name, **kwargs)
+        rows.append({"model": model, "inner": label, "param_bytes": p_bytes,
+                     "state_bytes": state_size(opt, params)["bytes"],
+                     "graph_bytes": {str(k): graph_bytes(opt, params, k) for k in steps}})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------
 # Part 2: measured peak memory of one second-order meta-step
 # ---------------------------------------------------------------------------------------
@@ -194,7 +234,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out = _measure(it, "cpu", 1, "fresh process")
     return {**out, "seconds_two_steps": time.perf_counter() - t0,
             "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
-            "state_bytes": state_size(impl.inner, params)["bytes"]}
+            "state_bytes": state_size(impl.inner, params)["bytes"],
+            "graph_bytes": graph_bytes(impl.inner, params, spec["steps"])}
 
 
 def measure_case(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
@@ -243,19 +284,33 @@ def markdown(res: dict[str, Any]) -> str:
         for r in res["breakdown"]:
             L.append(f"| {r['kind']} | {r['tensors']} | {r['param_elements']:,} | "
                      + " | ".join(f"{r[i]:,}" for i in inners) + " |")
+    if res.get("graph"):
+        ks = list(res["graph"][0]["graph_bytes"])
+        L += ["", "### ResNet12: what second-order MAML keeps of the inner optimizer (exact)", "",
+              "Bytes autograd saves for the backward of k differentiable inner steps (each storage once; "
+              "the initial params and state left out; a gradient counted when the update saves it).", "",
+              "| inner optimizer | state per task | " + " | ".join(f"graph, {k} step(s)" for k in ks)
+              + " | graph per step / param bytes |", "|---|---:|" + "---:|" * len(ks) + "---:|"]
+        for r in res["graph"]:
+            k = ks[-1]
+            L.append(f"| {r['inner']} | {size(r['state_bytes'])} | "
+                     + " | ".join(size(r["graph_bytes"][k_]) for k_ in ks)
+                     + f" | {r['graph_bytes'][k] / int(k) / r['param_bytes']:.2f} |")
     if res.get("memory"):
         m = res["memory_setting"]
         L += ["", f"## Measured peak memory of one second-order meta-step: ResNet12 width {m['width']}, "
               f"{m['resolution']}x{m['resolution']}x3, 5-way 1-shot, {m['queries']} queries/class, "
               f"meta-batch {m['meta_batch']}, {'vectorised' if m['vectorize'] else 'per-task loop'}", "",
-              f"Method: {res['memory'][0].get('method', '')}.", "",
+              f"Method: {res['memory'][0].get('method', '')}."
+              + (f" Measured by `{res['memory_from']['command']}` ({res['memory_from']['date']})."
+                 if res.get("memory_from") else ""), "",
               "| inner optimizer | inner steps | peak (MiB) | / SGD's | minus SGD's (MiB) | per inner step (MiB) | "
-              "state per task | (minus SGD) / state | seconds (warm-up + measured) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "optimizer's graph, exact (MiB) | state per task | (minus SGD) / state | seconds (warm-up + measured) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         sgd = {r["steps"]: r.get("peak_bytes") for r in res["memory"] if r["inner"] == "sgd"}
         for r in res["memory"]:
             if "error" in r:
-                L.append(f"| {r['inner']} | {r['steps']} | {r['error']} | | | | | | |")
+                L.append(f"| {r['inner']} | {r['steps']} | {r['error']} | | | | | | | |")
                 continue
             base = sgd.get(r["steps"])
             st = r["state_bytes"]  # of the measured model
@@ -265,8 +320,9 @@ def markdown(res: dict[str, Any]) -> str:
                 d = r["peak_bytes"] - base
                 rel, delta, per_step = f"{r['peak_bytes'] / base:.3f}", mib(d), mib(d / r["steps"])
                 ratio = f"{d / st:.2f}"
+            graph = mib(r["graph_bytes"]) if "graph_bytes" in r else "—"
             L.append(f"| {r['inner']} | {r['steps']} | {mib(r['peak_bytes'])} | {rel} | {delta} | {per_step} | "
-                     f"{size(st)} | {ratio} | {r['seconds_two_steps']:.0f} |")
+                     f"{graph} | {size(st)} | {ratio} | {r['seconds_two_steps']:.0f} |")
     return "\n".join(L) + "\n"
 
 
@@ -284,20 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=15, help="query examples per class")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default=None, help="folder for summary.md and summary.json")
-    p.add_argument("--render", default=None, metavar="SUMMARY_JSON",
-                   help="rewrite the markdown next to an earlier run's summary.json (no measuring)")
+    p.add_argument("--memory-from", default=None, metavar="SUMMARY_JSON",
+                   help="take the measured rows from an earlier run's summary.json instead of measuring "
+                        "(the exact parts are recomputed)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return 0
-    if args.render is not None:
-        path = Path(args.render)
-        md = markdown(json.loads(path.read_text()))
-        path.with_name("summary.md").write_text(md)
-        print(md)
-        return 0
-
     res: dict[str, Any] = {
         "command": "python experiments/optimizer_state.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -305,7 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "resnet12" in args.models:
         res["breakdown"] = shape_breakdown("resnet12", [i for i in args.inners if INNERS[i][0] == "adafactor"])
-    if not args.no_memory:
+        res["graph"] = graph_table("resnet12", args.inners, args.steps)
+    if args.memory_from:
+        earlier = json.loads(Path(args.memory_from).read_text())
+        res["memory_setting"], res["memory"] = earlier["memory_setting"], earlier["memory"]
+        res["memory_from"] = {"file": args.memory_from, "command": earlier["command"], "date": earlier["date"]}
+        params = {k: p.detach() for k, p in build_model("resnet12", width=res["memory_setting"]["width"]).named_parameters()}
+        for r in res["memory"]:  # rows measured before graph_bytes existed: the exact count, added here
+            if "error" not in r and "graph_bytes" not in r:
+                name, kwargs = INNERS[r["inner"]]
+                r["graph_bytes"] = graph_bytes(metaopt.optim.get(name, **kwargs), params, r["steps"])
+    elif not args.no_memory:
         setting = {"width": args.width, "resolution": args.resolution, "queries": args.queries,
                    "meta_batch": args.meta_batch, "vectorize": args.vectorize, "threads": args.threads}
         res["memory_setting"], res["memory"] = setting, []

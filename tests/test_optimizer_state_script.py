@@ -94,3 +94,39 @@ def test_smoke_both_parts(script: ModuleType, tmp_path: Path) -> None:
     assert adam["inner"] == "adam" and adam["peak_bytes"] > 0
     assert adam["state_bytes"] == 2 * adam["param_bytes"] + 8  # the measured (width 0.125) model's
     assert "| resnet12 | 12,427,525 | adam |" in (tmp_path / "summary.md").read_text()
+    # --memory-from: the measured rows are reused, an exact graph count missing from them is added
+    del res["memory"][0]["graph_bytes"]
+    (tmp_path / "earlier.json").write_text(json.dumps(res))
+    assert script.main(["--models", "mlp", "--inners", "adam", "--memory-from", str(tmp_path / "earlier.json"),
+                        "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again/summary.json").read_text())
+    assert again["memory"][0]["peak_bytes"] == adam["peak_bytes"]
+    assert again["memory"][0]["graph_bytes"] == adam["graph_bytes"]
+    assert again["memory_from"]["command"] == res["command"]
+
+
+class _Rule:
+    """A stateless inner 'optimizer' whose update is ``p - 0.1 * f(g)``."""
+
+    def __init__(self, f):  # type: ignore[no-untyped-def]
+        self.f = f
+
+    def init(self, params: dict[str, torch.Tensor]) -> tuple:
+        return ()
+
+    def step(self, params, grads, state):  # type: ignore[no-untyped-def]
+        return {k: p - 0.1 * self.f(grads[k]) for k, p in params.items()}, state
+
+
+def test_graph_bytes_counts_what_autograd_keeps(script: ModuleType) -> None:
+    params = {"w": torch.randn(6, 5), "b": torch.randn(6)}
+    p_bytes = 4 * (30 + 6)
+    assert script.graph_bytes(_Rule(lambda g: g), params) == 0  # scaling by a constant saves nothing
+    assert script.graph_bytes(_Rule(lambda g: g * g), params) == p_bytes  # g saved twice, counted once
+    assert script.graph_bytes(_Rule(torch.exp), params) == p_bytes  # exp keeps its (new) output
+    assert script.graph_bytes(_Rule(torch.exp), params, steps=3) == 3 * p_bytes
+    # a real optimizer: SGD keeps nothing, Adam keeps at least its gradients, and more each step
+    assert script.graph_bytes(optim.get("sgd", lr=0.1), params) == 0
+    adam1 = script.graph_bytes(optim.get("adam", lr=0.1), params)
+    assert adam1 >= p_bytes
+    assert script.graph_bytes(optim.get("adam", lr=0.1), params, steps=2) > adam1
