@@ -95,13 +95,13 @@ def test_smoke_both_parts(script: ModuleType, tmp_path: Path) -> None:
     assert adam["state_bytes"] == 2 * adam["param_bytes"] + 8  # the measured (width 0.125) model's
     assert "| resnet12 | 12,427,525 | adam |" in (tmp_path / "summary.md").read_text()
     # --memory-from: the measured rows are reused, an exact graph count missing from them is added
-    del res["memory"][0]["graph_bytes"]
+    graph = adam.pop("graph_bytes")
     (tmp_path / "earlier.json").write_text(json.dumps(res))
     assert script.main(["--models", "mlp", "--inners", "adam", "--memory-from", str(tmp_path / "earlier.json"),
                         "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again/summary.json").read_text())
     assert again["memory"][0]["peak_bytes"] == adam["peak_bytes"]
-    assert again["memory"][0]["graph_bytes"] == adam["graph_bytes"]
+    assert again["memory"][0]["graph_bytes"] == graph > 0
     assert again["memory_from"]["command"] == res["command"]
 
 
