@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -147,27 +149,34 @@ def shape_breakdown(model: str, inners: list[str]) -> list[dict[str, Any]]:
 
 def graph_bytes(opt: Any, params: dict[str, Tensor], steps: int = 1, seed: int = 0) -> int:
     """Bytes autograd keeps for the backward of ``steps`` differentiable ``opt.step`` calls,
-    as in second-order MAML (params and gradients require grad): every tensor saved for
-    backward, each storage counted once, leaving out the initial params and state (alive
-    anyway). Gradients count when the update saves them: SGD's ``p - lr g`` does not, so
-    there the inner gradient is freed; ``g * g`` does, so Adam keeps it.
+    as in second-order MAML (params and gradients require grad): the tensors saved for
+    backward that are still alive after the steps (the final params kept, the final state
+    dropped, as MAML does), each storage counted once, leaving out the initial params (the
+    meta-parameters, alive anyway). Gradients count when the update saves them: SGD's
+    ``p - lr g`` does not, so there the inner gradient is freed; ``g * g`` does, so Adam
+    keeps it.
     """
     gen = torch.Generator().manual_seed(seed)
-    p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-    state = opt.init(p)
-    alive = {t.untyped_storage().data_ptr() for t in [*p.values(), *tree_leaves(state)] if isinstance(t, Tensor)}
-    kept: dict[int, int] = {}
+    p0 = {k: v.detach().clone().requires_grad_() for k, v in params.items()}  # held: their addresses stay theirs
+    meta = {t.untyped_storage().data_ptr() for t in p0.values()}
+    p, state = p0, opt.init(p0)
+    saved: list[weakref.ref] = []  # weak: a tensor freed with its graph node must not count
 
     def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in alive:
-            kept[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for _ in range(steps):  # random gradients: the shapes, not the values, set the sizes
             grads = {k: torch.randn(v.shape, generator=gen).requires_grad_() for k, v in params.items()}
             p, state = opt.step(p, grads, state)
+    del grads, state  # MAML's query pass uses the final params only
+    gc.collect()
+    kept = {}
+    for ref in saved:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in meta:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(kept.values())
 
 
@@ -361,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         res["memory_setting"], res["memory"] = earlier["memory_setting"], earlier["memory"]
         res["memory_from"] = {"file": args.memory_from, "command": earlier["command"], "date": earlier["date"]}
         params = {k: p.detach() for k, p in build_model("resnet12", width=res["memory_setting"]["width"]).named_parameters()}
-        for r in res["memory"]:  # rows measured before graph_bytes existed: the exact count, added here
-            if "error" not in r and "graph_bytes" not in r:
+        for r in res["memory"]:  # the exact count, recomputed with this version of graph_bytes
+            if "error" not in r:
                 name, kwargs = INNERS[r["inner"]]
                 r["graph_bytes"] = graph_bytes(metaopt.optim.get(name, **kwargs), params, r["steps"])
     elif not args.no_memory:

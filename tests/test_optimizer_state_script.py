@@ -94,7 +94,7 @@ def test_smoke_both_parts(script: ModuleType, tmp_path: Path) -> None:
     assert adam["inner"] == "adam" and adam["peak_bytes"] > 0
     assert adam["state_bytes"] == 2 * adam["param_bytes"] + 8  # the measured (width 0.125) model's
     assert "| resnet12 | 12,427,525 | adam |" in (tmp_path / "summary.md").read_text()
-    # --memory-from: the measured rows are reused, an exact graph count missing from them is added
+    # --memory-from: the measured rows are reused, the exact graph count recomputed
     graph = adam.pop("graph_bytes")
     (tmp_path / "earlier.json").write_text(json.dumps(res))
     assert script.main(["--models", "mlp", "--inners", "adam", "--memory-from", str(tmp_path / "earlier.json"),
