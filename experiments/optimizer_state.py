@@ -150,16 +150,17 @@ def shape_breakdown(model: str, inners: list[str]) -> list[dict[str, Any]]:
 def graph_bytes(opt: Any, params: dict[str, Tensor], steps: int = 1, seed: int = 0) -> int:
     """Bytes autograd keeps for the backward of ``steps`` differentiable ``opt.step`` calls,
     as in second-order MAML (params and gradients require grad): the tensors saved for
-    backward that are still alive after the steps (the final params kept, the final state
-    dropped, as MAML does), each storage counted once, leaving out the initial params (the
-    meta-parameters, alive anyway). Gradients count when the update saves them: SGD's
-    ``p - lr g`` does not, so there the inner gradient is freed; ``g * g`` does, so Adam
-    keeps it.
+    backward that are still alive after the steps (the final state dropped, as MAML does),
+    each storage counted once, leaving out the params of every step: the meta-parameters
+    are alive anyway, and the model's forward at each step's params keeps those (torch's
+    Adafactor also saves them for its relative step, at no extra cost in MAML). Gradients
+    count when the update saves them: SGD's ``p - lr g`` does not, so there the inner
+    gradient is freed; ``g * g`` does, so Adam keeps it.
     """
     gen = torch.Generator().manual_seed(seed)
-    p0 = {k: v.detach().clone().requires_grad_() for k, v in params.items()}  # held: their addresses stay theirs
-    meta = {t.untyped_storage().data_ptr() for t in p0.values()}
-    p, state = p0, opt.init(p0)
+    p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    state = opt.init(p)
+    steps_params = [p]  # held to the end, so that no other tensor reuses their addresses
     saved: list[weakref.ref] = []  # weak: a tensor freed with its graph node must not count
 
     def pack(t: Tensor) -> Tensor:
@@ -170,12 +171,14 @@ def graph_bytes(opt: Any, params: dict[str, Tensor], steps: int = 1, seed: int =
         for _ in range(steps):  # random gradients: the shapes, not the values, set the sizes
             grads = {k: torch.randn(v.shape, generator=gen).requires_grad_() for k, v in params.items()}
             p, state = opt.step(p, grads, state)
+            steps_params.append(p)
     del grads, state  # MAML's query pass uses the final params only
     gc.collect()
+    params_at = {t.untyped_storage().data_ptr() for ps in steps_params for t in ps.values()}
     kept = {}
     for ref in saved:
         t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in meta:
+        if t is not None and t.untyped_storage().data_ptr() not in params_at:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(kept.values())
 
@@ -270,7 +273,9 @@ def mib(b: float) -> str:
 
 
 def size(b: float) -> str:
-    """Bytes as KiB below 1 MiB, else MiB (the table spans 4 bytes to hundreds of MiB)."""
+    """Bytes, KiB or MiB (the table spans 8 bytes to hundreds of MiB)."""
+    if abs(b) < 2**10:
+        return f"{b:,.0f} B"
     return f"{b / 2**10:,.1f} KiB" if abs(b) < 2**20 else f"{b / 2**20:,.1f} MiB"
 
 
@@ -296,8 +301,9 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("graph"):
         ks = list(res["graph"][0]["graph_bytes"])
         L += ["", "### ResNet12: what second-order MAML keeps of the inner optimizer (exact)", "",
-              "Bytes autograd saves for the backward of k differentiable inner steps (each storage once; "
-              "the initial params and state left out; a gradient counted when the update saves it).", "",
+              "Bytes autograd saves for the backward of k differentiable inner steps and still holds after "
+              "them (each storage once; the params of every step left out: the model's forward keeps them "
+              "anyway; a gradient counted when the update saves it).", "",
               "| inner optimizer | state per task | " + " | ".join(f"graph, {k} step(s)" for k in ks)
               + " | graph per step / param bytes |", "|---|---:|" + "---:|" * len(ks) + "---:|"]
         for r in res["graph"]:
