@@ -203,14 +203,15 @@ def graph_table(model: str, inners: list[str], steps: list[int]) -> list[dict[st
 
 
 class ZooMAML(Impl):
-    """metaopt's engine (as the benchmark's ``metaopt-loop`` row) with a registry optimizer."""
+    """metaopt's engine as the benchmark runs it (its ``metaopt-loop`` / ``metaopt-vmap``
+    rows), with an inner optimizer from the registry instead of the benchmark's two."""
 
-    key = "metaopt-loop"
     is_metaopt = True
 
     def __init__(self, inner: str, steps: int, vectorize: bool) -> None:
         name, kwargs = INNERS[inner]
         self.inner, self.steps, self.vectorize = metaopt.optim.get(name, **kwargs), steps, vectorize
+        self.key = "metaopt-vmap" if vectorize else "metaopt-loop"
 
     def build(self, model: nn.Module, case: Any) -> Any:
         from metaopt.maml import MAML
@@ -218,7 +219,8 @@ class ZooMAML(Impl):
         maml = MAML(model, self.inner, inner_steps=self.steps, loss_fn=F.cross_entropy, vectorize=self.vectorize)
 
         def meta_backward(batch: TaskBatch) -> None:
-            # As the benchmark: backward task by task (loop), no forward at the meta-parameters.
+            # As the benchmark: backward inside (task by task on the loop: one task's graph
+            # alive at a time), no extra forward at the meta-parameters.
             maml.meta_loss(batch, before=False, backward=True)
 
         return meta_backward
