@@ -528,9 +528,7 @@ class Adafactor:
                 new_var[k] = v
             if floor:
                 v = v.clamp(min=e1 * e1)
-                updates[k] = torch.rsqrt(v) * g
-            else:  # eps1 inside: a dead element's v is ~1e-30, as a dead factor above
-                updates[k] = factor_rsqrt(v) * g
+            updates[k] = torch.rsqrt(v) * g
 
         new_params, new_exp_avg = self._apply(params, updates, state, scalars)
         return new_params, AdafactorState(state.count + 1, new_row, new_col, new_var, new_exp_avg)

@@ -115,9 +115,7 @@ def scale_by_factored_rms(
                 v = full[k] = torch.lerp(state.v[k], g2, w)
             if not eps_inside:
                 v = v.clamp(min=e * e)
-                out[k] = torch.rsqrt(v) * g
-            else:  # eps inside: a dead element's v is ~1e-30, as a dead factor above
-                out[k] = factor_rsqrt(v) * g
+            out[k] = torch.rsqrt(v) * g
         return out, FactoredState(state.count + 1, row, col, full)
 
     return GradientTransformation(init, update)
