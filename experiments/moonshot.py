@@ -47,7 +47,7 @@ from torch import nn
 from metaopt import config as config_mod
 from metaopt import stats
 from metaopt.build import build_outer
-from metaopt.compare_report import markdown_table, summarize_compare
+from metaopt.compare_report import markdown_table, paired_summary, summarize_compare
 from metaopt.config import ConfigError
 from metaopt.loop import NonFiniteLossError
 from metaopt.maml import MAML
@@ -218,14 +218,8 @@ def one_step_pairs(one: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]
     out = []
     for j, a in enumerate(names):
         for b in names[:j]:
-            rec: dict[str, Any] = {"a": a, "b": b}
-            for key, xs, ys in (("over_tasks", per_task[a], per_task[b]), ("over_seeds", per_seed[a], per_seed[b])):
-                if len(xs) != len(ys):
-                    rec[key] = {"mean": None, "note": f"not paired: {len(xs)} vs {len(ys)}"}
-                    continue
-                d = stats.paired_difference(xs, ys)
-                rec[key] = {"mean": d.mean, "ci95": d.ci95, "std": d.std, "n": d.n}
-            out.append(rec)
+            out.append({"a": a, "b": b, "over_tasks": paired_summary(per_task[a], per_task[b], "test tasks"),
+                        "over_seeds": paired_summary(per_seed[a], per_seed[b], "seeds")})
     return out
 
 

@@ -36,6 +36,7 @@ from metaopt.runs import per_task_test_values
 
 __all__ = [
     "markdown_table",
+    "paired_summary",
     "reproduction_markdown",
     "summarize_compare",
     "write_report",
@@ -121,16 +122,25 @@ def _paired(table: Sequence[Mapping[str, Any]], *, device: str | None) -> list[d
         for b in live[:j]:
             ta, tb = per_task[a["inner"]], per_task[b["inner"]]
             rec: dict[str, Any] = {"a": a["inner"], "b": b["inner"], "metric": a["metric"]}
-            rec["over_tasks"] = (_summary_or_reason(ta, tb, "test tasks") if ta and tb else
+            rec["over_tasks"] = (paired_summary(ta, tb, "test tasks") if ta and tb else
                                  {"n": 0, "mean": None, "ci95": None,
                                   "note": "not paired: per-task test values not saved and no checkpoint"})
             both = [(x, y) for x, y in zip(a["per_seed"], b["per_seed"]) if x is not None and y is not None]
-            rec["over_seeds"] = _summary_or_reason([x for x, _ in both], [y for _, y in both], "seeds")
+            rec["over_seeds"] = paired_summary([x for x, _ in both], [y for _, y in both], "seeds")
             out.append(rec)
     return out
 
 
-def _summary_or_reason(a: Sequence[float], b: Sequence[float], what: str) -> dict[str, Any]:
+def paired_summary(a: Sequence[float], b: Sequence[float], what: str) -> dict[str, Any]:
+    """``a - b`` paired element by element, Student-t CI (``{"mean", "ci95", "std", "n"}``),
+    or ``{"n": 0, "mean": None, "ci95": None, "note"}`` when they cannot be paired.
+
+    Example:
+        >>> paired_summary([1.0, 2.0], [0.5, 1.0], "seeds")["mean"]
+        0.75
+        >>> paired_summary([1.0], [0.5, 1.0], "seeds")["note"]
+        'not paired: 1 vs 2 seeds'
+    """
     if not a or len(a) != len(b):
         return {"n": 0, "mean": None, "ci95": None, "note": f"not paired: {len(a)} vs {len(b)} {what}"}
     s = stats.paired_difference(a, b)
