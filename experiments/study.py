@@ -10,6 +10,7 @@ Runs go to --runs/<setting>, reports to --results/<setting>/ and --results/READM
     python experiments/study.py                                   # the sinusoid settings, reduced budget
     python experiments/study.py configs/study/omniglot_5w1s.yaml --device cuda
     python experiments/study.py configs/study/sinusoid_10shot.yaml --full     # the paper's 70k iterations
+    python experiments/study.py configs/study/sinusoid_10shot.yaml --full --tune-at-budget  # 70k, lrs from 5k
     python experiments/study.py --only sgd,adafactor_torch --set train.iterations=20   # a smoke run
 """
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("specs", nargs="*", default=DEFAULT, help="study specs (default: the two sinusoid settings)")
     p.add_argument("--full", action="store_true", help="the configs' own schedules instead of the reduced budgets")
+    p.add_argument("--tune-at-budget", action="store_true",
+                   help="with --full: choose each lr on the reduced budget's tuning runs (reused), train only "
+                        "the final seeds on the full schedule")
     p.add_argument("--only", default=None, help="comma-separated optimizer labels to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         studies = [load_study(s) for s in args.specs]  # every spec checked before anything runs
         for study in studies:
-            run_study(study, args.runs, args.results, full=args.full, only=only, overrides=args.overrides,
+            run_study(study, args.runs, args.results, full=args.full, tune_at_budget=args.tune_at_budget, only=only,
+                      overrides=args.overrides,
                       device=args.device, rerun=args.rerun, log=lambda m: print(m, file=sys.stderr))
             name = study.name + ("_full" if args.full else "")
             print(f"{name}: {Path(args.results) / name / 'summary.md'}")

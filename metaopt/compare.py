@@ -227,6 +227,8 @@ def compare(
     tune: Sequence[str] | Mapping[str, Sequence[Any]] | None = None,
     grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     tune_seeds: int = 1,
+    tune_overrides: Sequence[str] | None = None,
+    tune_dir: str | Path | None = None,
     rerun: bool = True,
     device: str | None = None,
     log: Callable[[str], None] | None = print,
@@ -253,6 +255,11 @@ def compare(
         tune: ``["inner.lr=0.01,0.1"]`` or ``{"inner.lr": [0.01, 0.1]}`` (see :func:`parse_tune`).
         grids: per-optimizer grids ``{label: {key: values}}`` replacing ``tune`` for that label.
         tune_seeds: seeds per grid point (>= 1).
+        tune_overrides: ``--set`` items for the tuning runs INSTEAD of ``overrides`` (default:
+            the same): tune on a reduced budget, then train the final seeds on the full one.
+            The chosen values are applied to the final runs' config.
+        tune_dir: folder of the tuning runs, ``<tune_dir>/<inner>/tune/...`` (default:
+            ``out_dir``), e.g. a reduced-budget comparison whose tuning runs are reused.
         rerun: re-run a run directory whose config differs (False: refuse, naming the key).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (default: the config's).
         log: progress messages (``None``: silent).
@@ -282,15 +289,19 @@ def compare(
         grid = {k: v for k, v in grid.items() if k not in fixed}
         points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
         point_cfgs = [_with(base, p) for p in points]
-        plans.append((label, base, grid, fixed, points, point_cfgs))
+        # The tuning runs' own configs: the same points on the tuning budget, when one is given.
+        tune_base = base if tune_overrides is None else _inner_config(config, tune_overrides, sets)
+        tune_cfgs = [_with(tune_base, p) for p in points]
+        plans.append((label, base, grid, fixed, points, point_cfgs, tune_cfgs))
 
     rows: list[dict[str, Any]] = []
-    for label, base, grid, fixed, points, point_cfgs in plans:
+    for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
         slug = out_dir / _slug(label)
         tuning: dict[str, Any] | None = None
         final_cfg = base
         if points:
-            tuning = _tune(label, grid, points, point_cfgs, slug / "tune", tune_seeds,
+            tune_root = Path(tune_dir) / _slug(label) if tune_dir is not None else slug
+            tuning = _tune(label, grid, points, tune_cfgs, tune_root / "tune", tune_seeds,
                            device=device, rerun=rerun, log=log)
             if tuning["chosen"] is None:  # every grid point diverged: nothing to train
                 rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
@@ -311,7 +322,10 @@ def compare(
                              extra={"config": str(config) if isinstance(config, (str, Path)) else None,
                                     "overrides": list(overrides), "seeds": seeds,
                                     "tune_request": {"grid": default_grid, "grids": dict(grids or {}),
-                                                     "seeds": tune_seeds, "split": "val"}})
+                                                     "seeds": tune_seeds, "split": "val",
+                                                     "overrides": (list(overrides) if tune_overrides is None
+                                                                   else list(tune_overrides)),
+                                                     "dir": str(tune_dir) if tune_dir is not None else None}})
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -10,6 +10,7 @@ A study spec is a small YAML file (``configs/study/*.yaml``)::
     tune_seeds: 1                        # seeds per grid value (disjoint from the final ones)
     overrides: [train.progress=false]    # always applied
     budget: [train.iterations=5000]      # the reduced budget; dropped by full=True
+    full: [train.eval_every=10000]       # applied only with full=True
 
 and each optimizer is ``{label, name, kwargs: {...}, tune: {inner.lr: [...]}}``: a
 :func:`metaopt.optim.get` name and its constructor arguments. :func:`run_study` hands the
@@ -42,7 +43,7 @@ import yaml
 from metaopt.compare import compare, markdown_table, parse_tune, write_report
 from metaopt.config import ConfigError
 
-_STUDY_KEYS = {"name", "config", "optimizers", "seeds", "tune_seeds", "overrides", "budget"}
+_STUDY_KEYS = {"name", "config", "optimizers", "seeds", "tune_seeds", "overrides", "budget", "full"}
 _OPTIMIZER_KEYS = {"label", "name", "kwargs", "tune"}
 
 
@@ -71,6 +72,7 @@ class Study:
     tune_seeds: int = 1
     overrides: tuple[str, ...] = ()
     budget: tuple[str, ...] = ()
+    full: tuple[str, ...] = ()
 
 
 def _mapping(data: Any, what: str) -> Mapping[str, Any]:
@@ -142,6 +144,7 @@ def load_study(path: str | Path) -> Study:
         tune_seeds=_count(spec, "tune_seeds", 1, str(path)),
         overrides=_strings(spec.get("overrides"), f"{path}: 'overrides'"),
         budget=_strings(spec.get("budget"), f"{path}: 'budget'"),
+        full=_strings(spec.get("full"), f"{path}: 'full'"),
     )
 
 
@@ -151,6 +154,7 @@ def run_study(
     results_dir: str | Path,
     *,
     full: bool = False,
+    tune_at_budget: bool = False,
     only: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
     device: str | None = None,
@@ -165,15 +169,21 @@ def run_study(
     every setting reported there.
 
     Args:
+        full: the config's own schedule (the spec's ``budget`` dropped, its ``full`` applied).
+        tune_at_budget: with ``full``, choose each optimizer's values on the reduced budget's
+            tuning runs (``runs_dir/<name>/<label>/tune``, reused when they exist) and train
+            only the final seeds on the full schedule; the report says so.
         only: optimizer labels to run (default: all).
         overrides: extra ``--set`` items, applied last.
 
     Raises:
-        ConfigError: an unknown label in ``only``, an optimizer name that this installation
+        ConfigError: ``tune_at_budget`` without ``full``, an unknown label in ``only``, an optimizer name that this installation
             does not provide (named, with the known ones), or any bad config.
     """
     from metaopt import optim
 
+    if tune_at_budget and not full:
+        raise ConfigError("tune_at_budget needs full=True (--tune-at-budget goes with --full)")
     chosen = list(study.optimizers)
     if only:
         labels = [o.label for o in chosen]
@@ -186,25 +196,33 @@ def run_study(
         raise ConfigError(f"study {study.name!r} needs inner optimizer(s) {', '.join(missing)} that this "
                           f"installation lacks (known: {', '.join(optim.names())}); run the others with --only")
     name = study.name + ("_full" if full else "")
-    sets = [*study.overrides, *([] if full else study.budget), *overrides]
+    sets = [*study.overrides, *(study.full if full else study.budget), *overrides]
+    # tune_at_budget: the tuning runs are exactly the reduced study's (same overrides, same folder).
+    tune_sets = [*study.overrides, *study.budget, *overrides] if tune_at_budget else None
     summary = compare(
         study.config if study.config is not None else {}, {o.label: o.entry() for o in chosen}, study.seeds,
         Path(runs_dir) / name, overrides=sets, grids={o.label: o.tune for o in chosen if o.tune},
-        tune=None, tune_seeds=study.tune_seeds, rerun=rerun, device=device, log=log,
+        tune=None, tune_seeds=study.tune_seeds, tune_overrides=tune_sets,
+        tune_dir=Path(runs_dir) / study.name if tune_at_budget else None, rerun=rerun, device=device, log=log,
     )
     out = Path(results_dir) / name
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = [Path(shutil.copyfile(png, out / "plots" / png.name)) for png in map(Path, summary["plots"])]
     budget = "the config's full schedule" if full else ("reduced budget: `" + " ".join(study.budget) + "`"
                                                          if study.budget else "the config's schedule")
+    if full and study.full:
+        budget += " with `" + " ".join(study.full) + "`"
     if overrides:
         budget += ", then `" + " ".join(overrides) + "`"
+    where = (" at the reduced budget (`" + " ".join(study.budget) + "`, the tuning runs of "
+             f"`{study.name}`)") if tune_at_budget else ""
     md = (f"## {name}\n\nConfig `{study.config.name if study.config else 'defaults'}`, {budget}; "
-          f"{study.seeds} seeds per optimizer, each optimizer's lr chosen on validation tasks "
+          f"{study.seeds} seeds per optimizer, each optimizer's lr chosen on validation tasks{where} "
           f"({study.tune_seeds} tuning seed(s) per value).\n\n"
           + markdown_table(summary["rows"], paired=summary["paired"])
           + "\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n")
-    write_report(out, "summary", {**summary, "study": study.name, "full": full, "budget": list(study.budget)}, md)
+    write_report(out, "summary", {**summary, "study": study.name, "full": full, "budget": list(study.budget),
+                                  "tuned_at_budget": tune_at_budget}, md)
     _write_index(Path(results_dir))
     return summary
 

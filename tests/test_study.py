@@ -132,3 +132,43 @@ def test_study_script_stops_with_a_line_not_a_traceback(tmp_path: Path, sig: str
     assert proc.returncode == 128 + getattr(signal, sig), err
     assert "Traceback" not in err and "re-run the same command to continue" in err
     assert (tmp_path / "runs/long/sgd/seed0/checkpoints/last.pt").is_file()
+
+
+def test_full_schedule_tuned_at_the_reduced_budget(tmp_path: Path) -> None:
+    """--full --tune-at-budget: the lr is chosen on the reduced study's tuning runs (reused,
+    nothing re-tuned) and only the final seeds train on the full schedule, with the chosen lr."""
+    (tmp_path / "tiny.yaml").write_text(
+        "name: tiny\nconfig: null\nseeds: 2\n"
+        "optimizers:\n  - {label: sgd, name: sgd, tune: {inner.lr: [0.001, 0.01, 0.1]}}\n"
+        "overrides: [train.progress=false, train.eval_every=1, train.eval_tasks=2, train.test_tasks=4,"
+        " train.meta_batch_size=2, train.tensorboard=false, train.plots=false]\n"
+        "budget: [train.iterations=2]\nfull: [train.iterations=3]\n")
+    study = load_study(tmp_path / "tiny.yaml")
+    assert study.full == ("train.iterations=3",)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    with pytest.raises(ConfigError, match="tune_at_budget needs full=True"):
+        run_study(study, runs, results, tune_at_budget=True, device="cpu", log=None)
+    reduced = run_study(study, runs, results, device="cpu", log=None)
+    logged: list[str] = []
+    full = run_study(study, runs, results, full=True, tune_at_budget=True, device="cpu", log=logged.append)
+    assert len(logged) == 2 and all("tuning" not in m and "tiny_full" in m for m in logged)  # the 2 final seeds only
+    (r_red,), (r_full,) = reduced["rows"], full["rows"]
+    assert r_full["tune"]["results"] == r_red["tune"]["results"] and r_full["tune"]["chosen"] == r_red["tune"]["chosen"]
+    final = config_mod.load(runs / "tiny_full/sgd/seed1/config.yaml")
+    assert final["train"]["iterations"] == 3 and final["inner"]["lr"] == r_red["tune"]["chosen"]["inner.lr"]
+    assert r_full["iterations"] == 3 and not (runs / "tiny_full/sgd/tune").exists()
+    assert full["tune_request"]["overrides"][-1] == "train.iterations=2"
+    saved = json.loads((results / "tiny_full/summary.json").read_text())
+    assert saved["tuned_at_budget"] is True and saved["full"] is True
+    assert "chosen on validation tasks at the reduced budget (`train.iterations=2`" in (
+        results / "tiny_full/summary.md").read_text()
+    # Re-tuning at the full schedule (no tune_at_budget) trains its own grid in tiny_full/.
+    logged.clear()
+    run_study(study, runs, results, full=True, device="cpu", log=logged.append)
+    assert sum("tuning" in m for m in logged) == 3 and (runs / "tiny_full/sgd/tune").is_dir()
+
+
+def test_tune_at_budget_without_full_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "s.yaml").write_text("name: s\noptimizers: [{name: sgd}]\n")
+    assert _load_script().main([str(tmp_path / "s.yaml"), "--tune-at-budget", "--runs", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "study: error: tune_at_budget needs full=True (--tune-at-budget goes with --full)"
