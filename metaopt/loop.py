@@ -146,6 +146,7 @@ def meta_step(
     iteration: int = 0,
     checkpoint: Path | None = None,
     sync: Collective = LOCAL,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
     """One meta-iteration: adapt to every task, mean query loss, backward, outer step.
 
@@ -158,6 +159,9 @@ def meta_step(
         iteration, checkpoint: named in a :class:`NonFiniteLossError`.
         sync: the collective; the loss/stats become means over all ranks' tasks and the
             gradients are all-reduced (weighted by tasks) before clipping and the step.
+        scaler: a ``torch.amp.GradScaler`` (float16 training): the meta-loss is backpropagated
+            at its scale, the gradients unscaled before clipping, and the outer step skipped
+            (the scale lowered) when they overflowed; the returned stats are unscaled.
 
     Raises:
         NonFiniteLossError: the meta-loss is NaN/inf (checked before the outer step, so the
@@ -166,7 +170,10 @@ def meta_step(
     outer.zero_grad(set_to_none=True)
     # backward=True: the engine backpropagates task by task, so only one task's graph is
     # alive at a time (Conv4 O1 on CPU: ~1.9 GB -> one task's worth); same meta-gradient.
-    out = maml.meta_loss(batch, train=True, before=stats, backward=True)
+    loss_scale = None
+    if scaler is not None:  # the scale as a tensor on the parameters' device (no host sync)
+        loss_scale = scaler.scale(torch.ones((), device=next(iter(maml.parameters())).device))
+    out = maml.meta_loss(batch, train=True, before=stats, backward=True, loss_scale=loss_scale)
     parts = [out.loss] + ([out.query_loss_before, out.accuracy, out.accuracy_before] if stats else [])
     means: list[Any] = [math.nan if t is None else t.detach().mean() for t in parts]
     # One all-reduce: .grad := gradient of the mean over all ranks' tasks, and the means
@@ -175,10 +182,16 @@ def meta_step(
     values = _host_floats(means)  # the one host sync of the step
     if not math.isfinite(values[0]):
         raise NonFiniteLossError(iteration, values[0], checkpoint)
+    if scaler is not None:  # .grad back to the meta-gradient; records whether it overflowed
+        scaler.unscale_(outer)
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_([p for p in maml.parameters() if p.grad is not None], grad_clip)
     try:
-        outer.step()
+        if scaler is not None:  # skips the step on inf/NaN gradients and lowers the scale
+            scaler.step(outer)
+            scaler.update()
+        else:
+            outer.step()
     except RuntimeError as e:  # a huge lr: "value cannot be converted to type float without overflow"
         if "overflow" not in str(e):
             raise

@@ -517,6 +517,7 @@ class MAML(nn.Module):
         steps: int | None = None,
         before: bool = True,
         backward: bool = False,
+        loss_scale: float | Tensor | None = None,
     ) -> MetaLossOutput:
         """Adapt to every task's support set and return the query losses.
 
@@ -534,6 +535,10 @@ class MAML(nn.Module):
                 (peak memory of one task instead of the whole meta-batch; same gradient).
                 The returned losses are then detached: do not call ``.backward()`` on them.
                 Only for ``train=True``.
+            loss_scale: with ``backward``, backpropagate ``loss_scale * loss`` (the scale of a
+                ``torch.amp.GradScaler``, for float16: ``scaler.scale(torch.ones(()))``); the
+                returned losses are unscaled. The caller unscales the gradients
+                (:func:`metaopt.loop.meta_step` does, given the scaler).
 
         Returns:
             :class:`MetaLossOutput`.
@@ -561,6 +566,9 @@ class MAML(nn.Module):
         train = self.training if train is None else bool(train)
         if backward and not train:
             raise ValueError("meta_loss(backward=True) needs train=True: evaluation builds no graph")
+        if loss_scale is not None and not backward:
+            raise ValueError("meta_loss(loss_scale=...) needs backward=True: it scales the backward pass "
+                             "that meta_loss runs itself (else scale out.loss yourself)")
         n = self._steps(train, steps)
         mode = self._mode(train)
         backward = backward and torch.is_grad_enabled()
@@ -575,10 +583,12 @@ class MAML(nn.Module):
             if vmap:
                 res = self._meta_loss_vmap(params0, fixed, buffers, b, n, mode, classify, before)
                 if backward:  # all tasks share one vmapped graph: one backward for all
-                    res["loss"].mean().backward()
+                    mean = res["loss"].mean()
+                    (mean if loss_scale is None else mean * loss_scale).backward()
                     res["loss"] = res["loss"].detach()
             else:
-                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before, backward)
+                res = self._meta_loss_loop(params0, fixed, buffers, b, n, mode, classify, before, backward,
+                                           loss_scale)
         _check_versions(params0, versions)
         loss_t = res["loss"]
         return MetaLossOutput(
@@ -607,11 +617,13 @@ class MAML(nn.Module):
 
     def _meta_loss_loop(
         self, params0: Params, fixed: Params, buffers: Buffers, b: TaskBatch, n: int, mode: str,
-        classify: bool, before: bool, backward: bool = False,
+        classify: bool, before: bool, backward: bool = False, loss_scale: float | Tensor | None = None,
     ) -> dict[str, Tensor]:
         (xs, ys), (xq, yq) = b.support, b.query
         losses, accs, befores = [], [], []
-        scale = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
+        scale: float | Tensor = 1.0 / b.num_tasks  # d(mean over tasks)/d(task loss)
+        if loss_scale is not None:
+            scale = loss_scale * scale
         grad_ctx = torch.no_grad if mode == "none" else contextlib.nullcontext
         for i in range(b.num_tasks):
             with full_precision(xs.device.type):  # the inner loop in float32 (metaopt.precision)

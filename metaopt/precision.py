@@ -36,9 +36,12 @@ fp16 and loss scaling: float16 has 5 exponent bits; gradients below about 6e-8 f
 zero. Under the engine's policy the inner loop never runs in 16 bits, so the inner
 gradients need no scaling (measured on 2 real Omniglot tasks: fp16 meta-gradient cosine
 0.99998 to float64 with no scale; results/precision_fidelity_o1_fp16.md). The outer
-gradient flows back through the 16-bit query forward and wants the usual
-``torch.amp.GradScaler`` in the training loop (scale the meta-loss, as with any fp16
-model). bfloat16 has float32's range and needs no scaling at all.
+gradient flows back through the 16-bit query forward and is loss-scaled: with
+``train.precision: fp16`` the trainer keeps a ``torch.amp.GradScaler`` (in its checkpoint)
+and :func:`metaopt.loop.meta_step` backpropagates at the scale (``MAML.meta_loss(...,
+loss_scale=)``), unscales before clipping, and skips the outer step on overflow. Without
+it a small loss's meta-gradient can flush to zero entirely (tests/test_precision.py).
+bfloat16 has float32's range and needs no scaling at all.
 
 Example:
     >>> import torch

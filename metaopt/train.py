@@ -265,6 +265,9 @@ class Trainer:
         if ctx is not None:
             ctx.broadcast_parameters(self.maml)  # every rank starts from rank 0's weights
         self.outer = build_outer(self.cfg, self.maml.parameters())
+        # float16's 5 exponent bits: the outer gradient through the 16-bit query forward is
+        # loss-scaled (bfloat16 has float32's range; the inner loop runs in float32 anyway).
+        self.scaler = torch.amp.GradScaler(self.device.type) if t["precision"] == "fp16" else None
         # What the config does not describe: runs with the user's objects record it, so
         # that the command line refuses to resume or evaluate them with the config's own.
         self.custom = {name: type(obj).__name__ if name != "loss_fn" else getattr(obj, "__name__", type(obj).__name__)
@@ -315,7 +318,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, learnable inner hyperparameters,
-        outer-optimizer state, RNG states, the iteration and the resolved config."""
+        outer-optimizer state (and the float16 GradScaler's), RNG states, the iteration and the
+        resolved config."""
         maml_extra = {k: v for k, v in self.maml.state_dict().items() if not k.startswith("model.")}
         return {
             "format": CHECKPOINT_FORMAT,
@@ -324,6 +328,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "inner_hparams": maml_extra,
             "outer": self.outer.state_dict(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "rng": {
                 "tasks": self.generator.get_state(),
                 "torch_cpu": torch.get_rng_state(),
@@ -343,6 +348,8 @@ class Trainer:
                 full = {**{f"model.{k}": v for k, v in state["model"].items()}, **extra}
                 self.maml.load_state_dict(full)
             self.outer.load_state_dict(state["outer"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as e:
             # torch's first line is only "Error(s) in loading state_dict for X:"; the keys follow.
             detail = " ".join(str(e).split())
@@ -451,7 +458,8 @@ class Trainer:
                     batch = next(self.batches)
                     with self._precision():
                         stats = meta_step(self.maml, self.outer, batch, grad_clip=t["grad_clip"], stats=log_now,
-                                          iteration=it, checkpoint=self.checkpoint_path, sync=self.sync)
+                                          iteration=it, checkpoint=self.checkpoint_path, sync=self.sync,
+                                          scaler=self.scaler)
                     if self.classification is None:
                         self.classification = not torch.is_floating_point(batch.query[1])
                     self.iteration = it

@@ -5,6 +5,7 @@ Conv4, better than autocasting the whole hand-written loop)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -133,3 +134,87 @@ def test_engine_bf16_meta_gradient_fidelity_on_tiny_conv4() -> None:
                                              .make_model(w).named_parameters()}
     assert rows["engine"]["layers"]["features.0.conv.bias"]["cosine"] is None  # zero in float64: no direction
     assert len(POLICIES) == 5
+
+
+# ---------------------------------------------------------------------------- fp16 loss scaling
+
+
+def _sinusoid_batch(tasks: int = 8) -> TaskBatch:
+    from metaopt.tasks import Sinusoid
+    return Sinusoid().sample(tasks, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_loss_scale_scales_the_meta_gradient_exactly(vectorize: bool) -> None:
+    torch.manual_seed(0)
+    maml = MAML(MLP(), SGD(lr=0.01), 2, loss_fn=F.mse_loss, vectorize=vectorize)
+    batch = _sinusoid_batch()
+    plain = maml.meta_loss(batch, train=True, backward=True)
+    g = [p.grad.clone() for p in maml.parameters()]
+    maml.zero_grad()
+    scaled = maml.meta_loss(batch, train=True, backward=True, loss_scale=torch.tensor(1024.0))
+    assert torch.equal(plain.query_loss, scaled.query_loss)  # the returned losses are unscaled
+    for a, p in zip(g, maml.parameters()):
+        assert torch.equal(a * 1024, p.grad)  # a power of two: exact
+    with pytest.raises(ValueError, match="loss_scale=...\\) needs backward=True"):
+        maml.meta_loss(batch, train=True, loss_scale=2.0)
+
+
+def test_fp16_meta_gradient_underflows_without_the_scaler_and_not_with_it() -> None:
+    """A small loss (1e-7 x MSE): its gradient at the float16 query output is below float16's
+    smallest subnormal (6e-8), so without scaling the whole meta-gradient flushes to zero;
+    at the GradScaler's default scale (2^16) it matches float32."""
+    torch.manual_seed(0)
+    maml = MAML(MLP(), SGD(lr=0.01), 1, loss_fn=lambda o, t: 1e-7 * F.mse_loss(o, t), vectorize=False)
+    batch = _sinusoid_batch()
+
+    def meta_grad(scale: float | None, fp16: bool) -> torch.Tensor:
+        maml.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            maml.meta_loss(batch, train=True, backward=True, loss_scale=scale)
+        return torch.cat([p.grad.flatten() for p in maml.parameters()]) / (scale or 1.0)
+
+    ref = meta_grad(None, False)
+    assert ref.abs().max() > 0
+    assert torch.count_nonzero(meta_grad(None, True)) == 0  # underflow: all zero
+    assert F.cosine_similarity(meta_grad(2.0**16, True), ref, 0) > 0.9999
+
+
+def test_meta_step_with_a_grad_scaler() -> None:
+    """In float32 a GradScaler changes nothing (power-of-two scale, exact unscale); on overflow
+    the outer step is skipped and the scale lowered, without stopping training."""
+    import copy
+    from metaopt.loop import meta_step
+    torch.manual_seed(0)
+    a = MAML(MLP(), SGD(lr=0.01), 1, loss_fn=F.mse_loss)
+    b = copy.deepcopy(a)
+    oa, ob = torch.optim.Adam(a.parameters(), 1e-3), torch.optim.Adam(b.parameters(), 1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    batch = _sinusoid_batch(4)
+    for _ in range(3):
+        sa, sb = meta_step(a, oa, batch), meta_step(b, ob, batch, scaler=scaler)
+        assert sa == sb
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = MAML(MLP(), SGD(lr=0.01), 1, loss_fn=lambda o, t: 1e3 * F.mse_loss(o, t))  # gradients >> 1
+    oc = torch.optim.Adam(c.parameters(), 1e-3)
+    huge = torch.amp.GradScaler("cpu", init_scale=3e38)  # scaled gradients overflow float32
+    before = [p.detach().clone() for p in c.parameters()]
+    stats = meta_step(c, oc, batch, scaler=huge)
+    assert math.isfinite(stats.meta_loss)
+    assert all(torch.equal(p, q) for p, q in zip(before, c.parameters()))  # step skipped
+    assert huge.get_scale() == pytest.approx(1.5e38)  # backoff_factor 0.5
+
+
+def test_trainer_fp16_keeps_the_scaler_in_its_checkpoint(tmp_path) -> None:
+    from metaopt.train import Trainer, load_checkpoint
+    sets = ["train.iterations=2", "train.eval_every=0", "train.test_tasks=4", "train.meta_batch_size=2",
+            "train.progress=false", "train.plots=false", "train.tensorboard=false"]
+    t = Trainer(None, tmp_path, overrides=[*sets, "train.precision=fp16"])
+    assert isinstance(t.scaler, torch.amp.GradScaler)
+    t.fit()
+    t.scaler.update(new_scale=12345.0)
+    t.save()
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["scaler"]["scale"] == 12345.0
+    again = Trainer(None, tmp_path, overrides=[*sets, "train.precision=fp16"], resume=True)
+    assert again.scaler is not None and again.scaler.get_scale() == 12345.0
+    assert Trainer(None, None, overrides=sets).scaler is None  # fp32 (and bf16): no scaler
