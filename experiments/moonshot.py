@@ -46,8 +46,7 @@ from torch import nn
 
 from metaopt import config as config_mod
 from metaopt import stats
-from metaopt.build import build_outer
-from metaopt.compare_report import markdown_table, paired_summary, summarize_compare
+from metaopt.compare_report import format_difference, markdown_table, paired_summary, summarize_compare
 from metaopt.config import ConfigError
 from metaopt.loop import NonFiniteLossError
 from metaopt.maml import MAML
@@ -86,15 +85,11 @@ ROWS: dict[str, tuple[str, dict[str, Any], Callable[[nn.Module], Any] | None]] =
 
 
 def make_trainer(cfg: config_mod.Config, run_dir: Path, row: str) -> Trainer:
-    """The config's Trainer with the row's inner optimizer in its MAML engine (and the outer
-    optimizer rebuilt over the model and the inner optimizer's meta-parameters)."""
-    trainer = Trainer(cfg, run_dir)
+    """The config's Trainer with the row's inner optimizer (its learned tensors meta-trained
+    with the weights by the config's outer optimizer)."""
     factory = ROWS[row][2]
+    trainer = Trainer(cfg, run_dir, inner=factory)
     if factory is not None:
-        old = trainer.maml
-        trainer.maml = MAML(trainer.model, factory(trainer.model), old.inner_steps, old.first_order, old.loss_fn,
-                            eval_inner_steps=old.eval_inner_steps).to(trainer.device)
-        trainer.outer = build_outer(trainer.cfg, trainer.maml.parameters())
         trainer.custom["inner"] = row  # config.yaml then says its inner section is not what ran
     return trainer
 
@@ -200,14 +195,6 @@ def record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "status": "diverged", "results": results, "diverged": info}
 
 
-def fmt(d: dict[str, Any]) -> str:
-    """``"+0.0123 ± 0.0040 (n = 600)"``, or the reason there is no difference."""
-    if d.get("mean") is None:
-        return d.get("note", "n/a")
-    ci = "n/a" if d["ci95"] is None else f"± {d['ci95']:.4f}"
-    return f"{d['mean']:+.4f} {ci} (n = {d['n']})"
-
-
 def one_step_pairs(one: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Every pair of rows whose seeds all finished at 1 inner step: ``a - b`` over the same
     test tasks (seed-mean per task) and over the same seeds, with Student-t CIs."""
@@ -246,7 +233,8 @@ def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
              "All pairs (a − b, lower is better for mse):", "",
              "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
     for p in summary["paired"]:
-        lines.append(f"| {p['a']} − {p['b']} | {fmt(p['over_tasks'])} | {fmt(p['over_seeds'])} |")
+        lines.append(f"| {p['a']} − {p['b']} | {format_difference('mse', p['over_tasks'])} | "
+                     f"{format_difference('mse', p['over_seeds'], 'seed')} |")
     if sweep:
         steps_list = sorted({k for by_steps in sweep.values() for k in by_steps})
         lines += ["", "Test mse by the number of inner steps at test (mean over seeds; a seed whose test diverged "
@@ -282,7 +270,8 @@ def report(rows: list[dict[str, Any]], learned: dict[str, list[dict[str, Any]]],
         lines += ["", "Paired differences after 1 inner step (a − b):", "",
                   "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
         for p in one_step_pairs(one):
-            lines.append(f"| {p['a']} − {p['b']} | {fmt(p['over_tasks'])} | {fmt(p['over_seeds'])} |")
+            lines.append(f"| {p['a']} − {p['b']} | {format_difference('mse', p['over_tasks'])} | "
+                         f"{format_difference('mse', p['over_seeds'], 'seed')} |")
     lines += ["", "Meta-parameters and what was learned (per seed):", "",
               "| row | rule | inner meta-parameters | model meta-parameters | learned beta2 | first-step lr per weight: "
               "min / median / max (negative share) |", "|---|---|---|---|---|---|"]

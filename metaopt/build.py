@@ -267,11 +267,13 @@ def build_inner(cfg: Mapping[str, Any], model: nn.Module | None = None) -> Any:
         raise ConfigError(f"config section 'inner' ({inner['name']}): {e}") from None
 
 
-def build_maml(cfg: Mapping[str, Any], model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> MAML:
-    """The MAML engine over ``model`` with the config's inner optimizer and steps."""
-    inner = cfg["inner"]
-    return MAML(model, build_inner(cfg, model), inner["steps"], inner["first_order"], loss_fn,
-                eval_inner_steps=inner["eval_steps"])
+def build_maml(cfg: Mapping[str, Any], model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+               inner: Any = None) -> MAML:
+    """The MAML engine over ``model`` with the config's inner steps and the config's inner
+    optimizer (or ``inner``, a user's one)."""
+    c = cfg["inner"]
+    return MAML(model, build_inner(cfg, model) if inner is None else inner, c["steps"], c["first_order"], loss_fn,
+                eval_inner_steps=c["eval_steps"])
 
 
 def build_outer(cfg: Mapping[str, Any], params: Iterable[Tensor]) -> torch.optim.Optimizer:

@@ -35,6 +35,7 @@ from metaopt.rundir import write_json
 from metaopt.runs import per_task_test_values
 
 __all__ = [
+    "format_difference",
     "markdown_table",
     "paired_summary",
     "reproduction_markdown",
@@ -267,7 +268,16 @@ def _fmt_ci(metric: str, ci: float | None, n: int, unit: str = "seed") -> str:
     return f"± {100 * ci:.2f}%" if metric == "accuracy" else f"± {ci:.4f}"
 
 
-def _fmt_diff(metric: str, d: Mapping[str, Any], unit: str) -> str:
+def format_difference(metric: str, d: Mapping[str, Any], unit: str = "task") -> str:
+    """A paired difference (:func:`paired_summary`'s dict) as a table cell: accuracy in
+    percentage points, anything else with 4 decimals; the reason when there is none.
+
+    Example:
+        >>> format_difference("mse", {"mean": 0.0123, "ci95": 0.004, "n": 600})
+        '+0.0123 ± 0.0040 (n = 600)'
+        >>> format_difference("accuracy", {"mean": -0.02, "ci95": None, "n": 1}, "seed")
+        '-2.00 pp, CI n/a (1 seed)'
+    """
     if d.get("mean") is None:
         return d.get("note", "n/a")
     m = f"{100 * d['mean']:+.2f} pp" if metric == "accuracy" else f"{d['mean']:+.4f}"
@@ -339,8 +349,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
                   f"{'higher' if metric == 'accuracy' else 'lower'} is better):"), "",
                   "| a − b | over the same test tasks (seed-mean per task) | over the same seeds |", "|---|---|---|"]
         for p in vs:
-            lines.append(f"| {p['a']} − {p['b']} | {_fmt_diff(metric, p['over_tasks'], 'task')} | "
-                         f"{_fmt_diff(metric, p['over_seeds'], 'seed')} |")
+            lines.append(f"| {p['a']} − {p['b']} | {format_difference(metric, p['over_tasks'], 'task')} | "
+                         f"{format_difference(metric, p['over_seeds'], 'seed')} |")
     return "\n".join(lines).lstrip() + "\n"
 
 

@@ -196,6 +196,12 @@ class Trainer:
         val_data, test_data: finite iterables of batches for validation and the final
             test when ``data`` is given (none: that evaluation is skipped).
         model: use this ``nn.Module`` instead of the config's model.
+        inner: use this inner optimizer instead of the config's ``inner`` section: an object
+            with ``init``/``step`` (``metaopt.SGD(...)``, ``MetaSGD.from_model(model, 0.01)``)
+            or a function ``model -> inner optimizer`` (for optimizers built per parameter of
+            the config's model, e.g. ``lambda m: MetaSGD.from_model(m, 0.01)``). Its learned
+            tensors (``nn.Parameter`` attributes) are meta-trained with the weights. The
+            config's ``inner.steps``, ``first_order`` and ``eval_steps`` still apply.
         loss_fn: the task loss (default: the task's ``loss``, else MSE for float targets and
             cross-entropy for integer targets).
         resume: continue from ``out_dir/checkpoints/last.pt``.
@@ -225,6 +231,7 @@ class Trainer:
         val_data: Iterable[Any] | None = None,
         test_data: Iterable[Any] | None = None,
         model: nn.Module | None = None,
+        inner: Any = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         resume: bool = False,
         distributed: bool = True,
@@ -261,7 +268,13 @@ class Trainer:
                   for split, given in (("val", val_data), ("test", test_data))}
         )
         self.model = (model if model is not None else build_model(self.cfg, self.train_tasks)).to(self.device)
-        self.maml = build_maml(self.cfg, self.model, loss_fn or task_loss(self.train_tasks)).to(self.device)
+        if inner is not None and not (hasattr(inner, "init") and hasattr(inner, "step")):
+            if not callable(inner):
+                raise TypeError(f"inner must be an inner optimizer (with init and step) or a function "
+                                f"model -> inner optimizer, got {type(inner).__name__}")
+            inner = inner(self.model)
+        self.maml = build_maml(self.cfg, self.model, loss_fn or task_loss(self.train_tasks),
+                               inner=inner).to(self.device)
         if ctx is not None:
             ctx.broadcast_parameters(self.maml)  # every rank starts from rank 0's weights
         self.outer = build_outer(self.cfg, self.maml.parameters())
@@ -271,7 +284,8 @@ class Trainer:
         # What the config does not describe: runs with the user's objects record it, so
         # that the command line refuses to resume or evaluate them with the config's own.
         self.custom = {name: type(obj).__name__ if name != "loss_fn" else getattr(obj, "__name__", type(obj).__name__)
-                       for name, obj in (("data", data), ("model", model), ("loss_fn", loss_fn)) if obj is not None}
+                       for name, obj in (("data", data), ("model", model), ("inner", inner), ("loss_fn", loss_fn))
+                       if obj is not None}
         self.threads: int | None = None
         if self.device.type == "cpu":
             self.threads = t.get("threads") or _default_threads(self.model)
@@ -631,14 +645,15 @@ def make_resumed_trainer(run_dir: str | Path, *, overrides: Sequence[str] = (), 
 
 def _check_from_config(run_dir: Path, what: str) -> None:
     """Refuse to ``what`` (resume/evaluate) from its config a run that was started from
-    Python with its own data, model or loss: the config would rebuild different ones."""
+    Python with its own data, model, inner optimizer or loss: the config would rebuild
+    different ones."""
     custom = load_checkpoint(run_dir / "checkpoints" / "last.pt").get("custom") or {}
     if custom:
         given = ", ".join(f"{k} ({v})" for k, v in custom.items())
         raise ConfigError(
             f"cannot {what} {run_dir} from its config: it was started from Python with its own {given}, which "
             f"config.yaml does not describe; {what} it from Python with the same objects, e.g. "
-            f"Trainer(config, {str(run_dir)!r}, data=..., model=..., resume=True)"
+            f"Trainer(config, {str(run_dir)!r}, data=..., model=..., inner=..., resume=True)"
         )
 
 

@@ -233,3 +233,31 @@ def test_trains_without_matplotlib_and_tensorboard(tmp_path: Path, monkeypatch: 
 def test_empty_training_data_is_an_error() -> None:
     with pytest.raises(ValueError, match="yielded no batches"):
         Trainer(None, overrides=TINY + ["train.iterations=2"], data=[]).fit()
+
+
+def test_trainer_with_a_users_inner_optimizer(tmp_path: Path) -> None:
+    """Trainer(inner=...): an optimizer object or a function of the config's model; its learned
+    tensors are meta-trained, the checkpoint names it, and the CLI refuses to rebuild it."""
+    from metaopt.optim import SGD
+    from metaopt.optim.learned import MetaSGD
+    sets = TINY + ["train.iterations=3"]
+    t = Trainer(None, tmp_path / "meta_sgd", overrides=sets, inner=lambda m: MetaSGD.from_model(m, 0.01))
+    assert isinstance(t.maml.inner_optimizer, MetaSGD) and t.custom == {"inner": "MetaSGD"}
+    rates = list(t.maml.inner_hparams.values())
+    assert rates and {id(p) for p in rates} <= {id(p) for g in t.outer.param_groups for p in g["params"]}
+    before = [p.detach().clone() for p in rates]
+    t.fit()
+    assert any(not torch.equal(a, p) for a, p in zip(before, rates))  # the rates were meta-trained
+    with pytest.raises(T.ConfigError, match=r"its own inner \(MetaSGD\)"):
+        T.resume(tmp_path / "meta_sgd", overrides=["train.iterations=4"])
+    again = Trainer(None, tmp_path / "meta_sgd", overrides=sets, inner=lambda m: MetaSGD.from_model(m, 0.01),
+                    resume=True)
+    assert all(torch.equal(p.detach(), q) for p, q in zip(again.maml.inner_hparams.values(),
+                                                          [p.detach() for p in rates]))
+    # An object: the same as the config's own SGD with that lr, bit for bit.
+    a = Trainer(None, None, overrides=sets + ["inner.lr=0.02"])
+    b = Trainer(None, None, overrides=sets, inner=SGD(lr=0.02))
+    a.fit(), b.fit()
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    with pytest.raises(TypeError, match="inner must be an inner optimizer .* got int"):
+        Trainer(None, None, overrides=sets, inner=3)
