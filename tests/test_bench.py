@@ -258,6 +258,31 @@ def test_bench_precision_fidelity_curves_and_remat_smoke(tmp_path: Path, capsys:
     assert all(r["seconds"] > 0 for r in res["curves"]["steps"] + res["curves"]["model"])
     remat = {r["row"]: r for r in res["remat"]}
     assert set(remat) == {"metaopt plain unroll", "metaopt checkpointed", "plain PyTorch loop"} and remat["metaopt checkpointed"]["every"] == 2
+    assert [r["point"] for r in res["remat"]] == ["3", "3", "3"] and all(r["seconds"] > 0 for r in res["remat"])
     assert "## Second-order memory against inner steps" in out and "### Against inner steps" in out
     t = {x["target"]: x for x in res["targets"]}
     assert t["O1 bf16 meta-gradient cosine to float64 >= 0.99"]["status"] == "met"
+
+
+def test_measure_points_interleaves_points_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """interleave_points: one timing over every point's implementations (the remat table's
+    plain against checkpointed ratio is measured side by side); a point's own impl list."""
+    from metaopt.bench import curves
+    from metaopt.bench.workloads import Case, WORKLOADS, tiny
+    calls: list[list[Any]] = []
+    real = curves.time_interleaved
+
+    def spy(its, *a, **k):
+        calls.append(list(its))
+        return real(its, *a, **k)
+
+    monkeypatch.setattr(curves, "time_interleaved", spy)
+    w = tiny(WORKLOADS["S1"])
+    pts = [("a", Case(w, "sgd", "second")), ("b", Case(w, "sgd", "first"), ["metaopt-loop"])]
+    rows = curves.measure_points(pts, ["metaopt-loop", "plain"], torch.device("cpu"), repeats=1, warmup=0,
+                                 memory="off", interleave_points=True)
+    assert calls == [[("a", "metaopt-loop"), ("a", "plain"), ("b", "metaopt-loop")]]
+    assert [(r["point"], r["impl"]) for r in rows] == [("a", "metaopt-loop"), ("a", "plain"), ("b", "metaopt-loop")]
+    calls.clear()
+    curves.measure_points(pts, ["metaopt-loop", "plain"], torch.device("cpu"), repeats=1, warmup=0, memory="off")
+    assert calls == [[("a", "metaopt-loop"), ("a", "plain")], [("b", "metaopt-loop")]]

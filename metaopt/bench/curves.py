@@ -42,46 +42,55 @@ def curve_points(base: Workload, curve: str, values: Sequence[Any], inner: str =
     return [(str(v), Case(replace(base, **{CURVES[curve]: v}), inner, order)) for v in values]
 
 
-def measure_points(points: list[tuple[str, Case]], impl_keys: Sequence[str], device: torch.device, *,
+def measure_points(points: Sequence[tuple[Any, ...]], impl_keys: Sequence[str], device: torch.device, *,
                    repeats: int = 3, warmup: int = 1, memory: str = "subprocess", seed: int = 0,
-                   log: Callable[[str], None] = lambda s: None,
+                   interleave_points: bool = False, log: Callable[[str], None] = lambda s: None,
                    out: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per (point, implementation): seconds per meta-iteration (median) and peak
-    memory, or the reason it did not run; appended to ``out`` point by point."""
+    memory, or the reason it did not run; appended to ``out`` point by point. A point is
+    ``(label, case)``, or ``(label, case, impl_keys)`` to run other implementations there.
+
+    The implementations of a point are timed interleaved (repeat by repeat); with
+    ``interleave_points`` every point's are timed together, so that ratios between points
+    (a plain against a checkpointed unroll) are measured side by side as well."""
     rows = [] if out is None else out
-    for label, case in points:
-        its: dict[str, MetaIteration] = {}
-        point_rows: dict[str, dict[str, Any]] = {}
-        try:
-            model = make_model(case.workload, seed=seed, device=device)
-            batch = make_batch(case.workload, seed=seed, device=device)
-        except Exception as e:  # noqa: BLE001 - e.g. a model this metaopt lacks: reported
-            for key in impl_keys:
-                rows.append({"point": label, "impl": key, "case": case.label, "error": f"{type(e).__name__}: {e}"})
-            continue
-        for key in impl_keys:
-            impl = IMPLS[key]()
-            row: dict[str, Any] = {"point": label, "impl": key, "name": impl.name, "case": case.label}
-            reason = impl.unavailable() or impl.unsupported(case)
-            if reason:
-                row["error"] = reason
-            else:
-                try:
-                    its[key] = MetaIteration(impl, case, model, batch, device)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"
-            point_rows[key] = row
-        log(f"  point {label}: {case.label}")
+    groups = [points] if interleave_points else [[p] for p in points]
+    for group in groups:
+        its: dict[tuple[str, str], MetaIteration] = {}
+        group_rows: list[tuple[tuple[str, str], Case, dict[str, Any]]] = []
+        for label, case, *own in group:
+            keys = own[0] if own else impl_keys
+            try:
+                model = make_model(case.workload, seed=seed, device=device)
+                batch = make_batch(case.workload, seed=seed, device=device)
+            except Exception as e:  # noqa: BLE001 - e.g. a model this metaopt lacks: reported
+                for key in keys:
+                    rows.append({"point": label, "impl": key, "case": case.label, "error": f"{type(e).__name__}: {e}"})
+                continue
+            for key in keys:
+                impl = IMPLS[key]()
+                row: dict[str, Any] = {"point": label, "impl": key, "name": impl.name, "case": case.label}
+                reason = impl.unavailable() or impl.unsupported(case)
+                if reason:
+                    row["error"] = reason
+                else:
+                    try:
+                        its[(label, key)] = MetaIteration(impl, case, model, batch, device)
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {e}"
+                group_rows.append(((label, key), case, row))
+            log(f"  point {label}: {case.label}")
         try:
             times = time_interleaved(its, repeats, warmup, 1)
         except Exception as e:  # noqa: BLE001
             times = {}
-            for key in its:
-                point_rows[key]["error"] = f"{type(e).__name__} while timing: {e}"
+            for ident in its:
+                next(r for i, _, r in group_rows if i == ident)["error"] = f"{type(e).__name__} while timing: {e}"
         del its
-        for key, row in point_rows.items():
-            if key in times:
-                row["seconds"] = statistics.median(times[key])
+        for ident, case, row in group_rows:
+            if ident in times:
+                key = ident[1]
+                row["seconds"] = statistics.median(times[ident])
                 if memory != "off":
                     try:
                         m = (memory_inline(IMPLS[key](), case, device, 1, seed) if memory == "inline"
@@ -119,11 +128,15 @@ def remat_table(base: Workload, steps: Sequence[int], device: torch.device, ever
     for n in steps:
         w = replace(base, inner_steps=n)
         k = every or default_every(n)
-        plain = measure_points([(str(n), Case(w, "sgd", "second"))], ["metaopt-loop", *peers], device, **kw)
-        remat = measure_points([(str(n), Case(w, "sgd", "second", checkpoint_every=k))], ["metaopt-loop"], device, **kw)
-        for r in plain:
-            r["row"] = "metaopt plain unroll" if r["impl"] == "metaopt-loop" else r.get("name", r["impl"])
-        for r in remat:
-            r["row"], r["every"] = "metaopt checkpointed", k
-        rows += [{"steps": n, **r} for r in (*plain, *remat)]
+        # One interleaved timing for the plain unroll, the peers and the checkpointed unroll:
+        # the time ratio is measured side by side. (The peers have no checkpointed variant.)
+        measured = measure_points([(str(n), Case(w, "sgd", "second")),
+                                   (f"{n}-remat", Case(w, "sgd", "second", checkpoint_every=k), ["metaopt-loop"])],
+                                  ["metaopt-loop", *peers], device, interleave_points=True, **kw)
+        for r in measured:
+            if r["point"].endswith("-remat"):
+                r["point"], r["row"], r["every"] = str(n), "metaopt checkpointed", k
+            else:
+                r["row"] = "metaopt plain unroll" if r["impl"] == "metaopt-loop" else r.get("name", r["impl"])
+        rows += [{"steps": n, **r} for r in measured]
     return rows

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -191,8 +191,8 @@ def build_iteration(impl: Impl, case: Case, device: str | torch.device, seed: in
 # ---------------------------------------------------------------------------------------
 
 
-def time_interleaved(its: dict[str, MetaIteration], repeats: int, warmup: int, iterations: int,
-                     log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
+def time_interleaved(its: Mapping[Any, MetaIteration], repeats: int, warmup: int, iterations: int,
+                     log: Callable[[str], None] = lambda s: None) -> dict[Any, list[float]]:
     """Seconds per meta-iteration for each implementation, one entry per repeat.
 
     Implementations alternate (A B C A B C ...) so that a slow phase of the machine (another
@@ -202,7 +202,7 @@ def time_interleaved(its: dict[str, MetaIteration], repeats: int, warmup: int, i
         for it in its.values():
             it()
             it.sync()
-    times: dict[str, list[float]] = {k: [] for k in its}
+    times: dict[Any, list[float]] = {k: [] for k in its}
     for r in range(repeats):
         for k, it in its.items():
             gc.collect()
