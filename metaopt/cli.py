@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Each --inner entry is NAME[:key=value...] (inner.* keys for that optimizer).\n"
                "--tune KEY=V1,V2,... trains each value on --tune-seeds separate seeds, picks the best\n"
                "mean metric on VALIDATION tasks (never test tasks) per optimizer, then trains the final\n"
-               "seeds with it; an entry that sets KEY itself is not tuned. CIs over seeds are Student t\n"
+               "seeds with it; an entry that sets KEY itself is not tuned. --tune-set KEY=VALUE applies\n"
+               "only to the tuning runs (e.g. a reduced budget). CIs over seeds are Student t\n"
                "(n-1 df; one seed: n/a); paired differences use the same test tasks and seeds.\n"
                "Writes OUT/<inner>/seed<k>/ (and OUT/<inner>/tune/...) run directories, OUT/summary.md,\n"
                "OUT/summary.json and OUT/plots/compare_*.png. Re-running reuses a finished run only when\n"
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="choose KEY per optimizer on validation tasks from these values (repeatable: grid product)")
     p.add_argument("--tune-seeds", type=int, default=1, help="seeds per tuning value (default 1)")
+    p.add_argument("--tune-set", dest="tune_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="applied after --set to the tuning runs only, e.g. --tune-set train.iterations=5000: "
+                        "tune on a reduced budget, train the final seeds on the full one")
     p.add_argument("--no-rerun", dest="rerun", action="store_false",
                    help="refuse (instead of re-running) a run directory whose config differs")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare-<config name>-<time>)")
@@ -274,8 +278,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else _default_out(args.config, "compare-")
     overrides = args.overrides + (["train.progress=false"] if args.quiet else [])
+    tune_overrides = [*overrides, *args.tune_sets] if args.tune_sets else None
     compare(args.config, args.inner, args.seeds, out, overrides=overrides, tune=args.tune, tune_seeds=args.tune_seeds,
-            rerun=args.rerun, device=args.device, log=lambda m: print(m, file=sys.stderr))
+            tune_overrides=tune_overrides, rerun=args.rerun, device=args.device,
+            log=lambda m: print(m, file=sys.stderr))
     print((out / "summary.md").read_text(), end="")
     print(f"summary: {out / 'summary.md'}  plots: {out / 'plots'}")
     return 0

@@ -351,6 +351,22 @@ def test_cli_compare_with_tune_and_no_rerun(tmp_path: Path, capsys: pytest.Captu
     assert err.startswith("metaopt: error: ") and "'inner.steps' is 1 there but 2 now" in err
 
 
+def test_cli_compare_tunes_on_a_reduced_budget_with_tune_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--tune-set applies to the tuning runs only: tuned at 2 iterations, final seeds at 3."""
+    sets = [a for s in QUICK for a in ("--set", s)]
+    argv = ["compare", str(Path(__file__).resolve().parents[1] / "configs/sinusoid.yaml"), "--inner", "sgd",
+            "--seeds", "1", "--out", str(tmp_path), "--tune", "inner.lr=0.01,0.1", "--device", "cpu", *sets,
+            "--set", "train.iterations=3", "--tune-set", "train.iterations=2"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    for lr in ("0.01", "0.1"):
+        assert config_mod.load(tmp_path / f"sgd/tune/inner.lr={lr}/seed0/config.yaml")["train"]["iterations"] == 2
+    final = config_mod.load(tmp_path / "sgd/seed0/config.yaml")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert final["train"]["iterations"] == 3 and final["inner"]["lr"] == summary["rows"][0]["tune"]["chosen"]["inner.lr"]
+    assert summary["tune_request"]["overrides"][-1] == "train.iterations=2" and summary["rows"][0]["iterations"] == 3
+
+
 
 
 def test_validation_metric_of_a_diverged_evaluation_is_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
