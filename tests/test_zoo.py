@@ -18,6 +18,7 @@ from metaopt.models import LSTMRegressor, ResNet12, TransformerClassifier, drop_
 from metaopt.optim import SGD, Adafactor
 from metaopt.tasks import Omniglot
 from metaopt.tasks.base import TaskBatch
+from test_maml_helpers import fd_relative_errors
 
 DT = torch.float64
 FD_TOL = 1e-6
@@ -246,33 +247,6 @@ def _tiny(name: str) -> tuple[nn.Module, TaskBatch, Callable]:
     return model.to(DT), TaskBatch(support=(xs, ys), query=(xq, yq)), loss
 
 
-def _fd_relative_errors(maml: MAML, batch: TaskBatch, directions: int = 3, eps: float = 1e-6) -> list[float]:
-    """|<meta-grad, v> - central difference| / max(|.|) along random unit directions v."""
-    params = list(maml.parameters())
-    for p in params:
-        p.grad = None
-    maml.meta_loss(batch, train=True, before=False).loss.backward()
-    grads = [p.grad.clone() for p in params]
-    g = torch.Generator().manual_seed(1)
-    errors = []
-    with torch.no_grad():
-        saved = [p.clone() for p in params]
-        for _ in range(directions):
-            vs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
-            norm = sum(float(v.square().sum()) for v in vs) ** 0.5
-            analytic = sum(float((gr * v).sum()) for gr, v in zip(grads, vs)) / norm
-            values = []
-            for sign in (1.0, -1.0):
-                for p, v, s in zip(params, vs, saved):
-                    p.copy_(s + sign * eps * v / norm)
-                values.append(float(maml.meta_loss(batch, train=True, before=False).loss))
-            for p, s in zip(params, saved):
-                p.copy_(s)
-            fd = (values[0] - values[1]) / (2 * eps)
-            errors.append(abs(fd - analytic) / max(abs(fd), abs(analytic), 1e-12))
-    return errors
-
-
 INNER = {
     "sgd": lambda: SGD(lr=0.1, momentum=0.5),
     "adafactor": lambda: Adafactor(lr=0.02),
@@ -286,7 +260,7 @@ def test_second_order_meta_gradient_matches_finite_differences(name: str, inner:
     # The default engine path: vmap where exact (LayerNorm and attention run through the
     # engine's exact ops and math attention kernel), the loop for nn.LSTM.
     maml = MAML(model, INNER[inner](), inner_steps=2, loss_fn=loss_fn)
-    errors = _fd_relative_errors(maml, batch)
+    errors = fd_relative_errors(maml, batch, directions=3)
     assert max(errors) <= FD_TOL, errors
 
 
