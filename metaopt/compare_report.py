@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from metaopt import stats
-from metaopt.loop import format_metric
+from metaopt.loop import format_metric, format_number
 from metaopt.rundir import write_json
 from metaopt.runs import per_task_test_values
 
@@ -265,7 +265,7 @@ def _fmt_ci(metric: str, ci: float | None, n: int, unit: str = "seed") -> str:
         return "n/a"
     if ci is None:
         return f"n/a ({n} {unit})"
-    return f"± {100 * ci:.2f}%" if metric == "accuracy" else f"± {ci:.4f}"
+    return f"± {100 * ci:.2f}%" if metric == "accuracy" else f"± {format_number(ci)}"
 
 
 def format_difference(metric: str, d: Mapping[str, Any], unit: str = "task") -> str:
@@ -280,7 +280,7 @@ def format_difference(metric: str, d: Mapping[str, Any], unit: str = "task") -> 
     """
     if d.get("mean") is None:
         return d.get("note", "n/a")
-    m = f"{100 * d['mean']:+.2f} pp" if metric == "accuracy" else f"{d['mean']:+.4f}"
+    m = f"{100 * d['mean']:+.2f} pp" if metric == "accuracy" else format_number(d["mean"], sign=True)
     ci = _fmt_ci(metric, d["ci95"], d["n"], unit).replace("%", " pp")
     return f"{m} {ci} (n = {d['n']})" if d["ci95"] is not None else f"{m}, CI {ci}"
 

@@ -51,6 +51,7 @@ __all__ = [
     "StepStats",
     "evaluate",
     "format_metric",
+    "format_number",
     "meta_step",
 ]
 
@@ -212,18 +213,36 @@ def _host_floats(values: Sequence[Tensor | float]) -> list[float]:
 # ============================================================================ evaluation
 
 
+def format_number(x: float, digits: int = 4, *, sign: bool = False) -> str:
+    """``x`` with ``digits`` decimals, or in scientific notation (``digits`` significant
+    digits) from 1e5 up, where decimals say nothing (a diverging inner loop's MSE).
+
+    Example:
+        >>> format_number(0.12345), format_number(2.8e18), format_number(-0.5, sign=True)
+        ('0.1235', '2.800e+18', '-0.5000')
+    """
+    plus = "+" if sign else ""
+    if math.isfinite(x) and abs(x) >= 1e5:
+        return f"{x:{plus}.{digits - 1}e}"
+    return f"{x:{plus}.{digits}f}"
+
+
 def format_metric(metric: str, mean: float | None, ci: float | None = None) -> str:
-    """``"accuracy"`` as a percentage, anything else with 4 decimals; ``"n/a"`` for no value.
+    """``"accuracy"`` as a percentage, anything else with 4 decimals (scientific from 1e5);
+    ``"n/a"`` for no value.
 
     Example:
         >>> format_metric("accuracy", 0.9812, 0.004), format_metric("mse", 0.5), format_metric("mse", None)
         ('98.12% ± 0.40%', '0.5000', 'n/a')
+        >>> format_metric("mse", 9.46e17, 4.1e18)
+        '9.460e+17 ± 4.100e+18'
     """
     if mean is None or math.isnan(mean):
         return "n/a"
-    scale, digits, unit = (100.0, 2, "%") if metric == "accuracy" else (1.0, 4, "")
-    text = f"{scale * mean:.{digits}f}{unit}"
-    return text + (f" ± {scale * ci:.{digits}f}{unit}" if ci is not None and not math.isnan(ci) else "")
+    if metric == "accuracy":
+        text = f"{100 * mean:.2f}%"
+        return text + (f" ± {100 * ci:.2f}%" if ci is not None and not math.isnan(ci) else "")
+    return format_number(mean) + (f" ± {format_number(ci)}" if ci is not None and not math.isnan(ci) else "")
 
 
 @dataclass

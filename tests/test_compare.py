@@ -197,6 +197,10 @@ def test_fmt_metric_and_markdown() -> None:
     assert C._fmt_metric("mse", 0.12345) == "0.1235"
     assert C._fmt_metric("mse", None) == C._fmt_metric("mse", math.nan) == "n/a"
     assert C._fmt_ci("mse", None, 1) == "n/a (1 seed)" and C._fmt_ci("accuracy", 0.012, 3) == "± 1.20%"
+    # A diverging inner loop's MSE (finite but huge) in scientific notation, not 20 digits
+    assert C._fmt_metric("mse", 2.8373977128576604e18) == "2.837e+18" and C._fmt_ci("mse", 1.2e19, 3) == "± 1.200e+19"
+    from metaopt.compare_report import format_difference
+    assert format_difference("mse", {"mean": 9.5e17, "ci95": 4e18, "n": 600}) == "+9.500e+17 ± 4.000e+18 (n = 600)"
     assert C.markdown_table([]) == "(no runs)\n"
     md = C.markdown_table([{"inner": "sgd", "seeds": 2, "metric": "mse", "mean": 0.5, "ci95": 0.1,
                             "before_mean": None, "tasks": 4, "iterations": 10, "per_seed": [0.45, 0.55]}],
