@@ -278,6 +278,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else _default_out(args.config, "compare-")
     overrides = args.overrides + (["train.progress=false"] if args.quiet else [])
+    for item in args.tune_sets:  # a malformed item is named as --tune-set's, not --set's
+        config.parse_override(item, "--tune-set")
     tune_overrides = [*overrides, *args.tune_sets] if args.tune_sets else None
     compare(args.config, args.inner, args.seeds, out, overrides=overrides, tune=args.tune, tune_seeds=args.tune_seeds,
             tune_overrides=tune_overrides, rerun=args.rerun, device=args.device,

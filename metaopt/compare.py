@@ -290,8 +290,8 @@ def compare(
         points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else []
         point_cfgs = [_with(base, p) for p in points]
         # The tuning runs' own configs: the same points on the tuning budget, when one is given.
-        tune_base = base if tune_overrides is None else _inner_config(config, tune_overrides, sets)
-        tune_cfgs = [_with(tune_base, p) for p in points]
+        tune_cfgs = (point_cfgs if tune_overrides is None
+                     else [_with(_inner_config(config, tune_overrides, sets), p) for p in points])
         plans.append((label, base, grid, fixed, points, point_cfgs, tune_cfgs))
 
     rows: list[dict[str, Any]] = []

@@ -181,12 +181,13 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"inner.lr=0.05"`` -> ``(["inner", "lr"], 0.05)``; the value is read as YAML."""
+def parse_override(item: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """``"inner.lr=0.05"`` -> ``(["inner", "lr"], 0.05)``; the value is read as YAML.
+    ``flag`` is the option named in the error."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key):
-        raise ConfigError(f"--set expects section.key=value (e.g. inner.lr=0.05), got {item!r}")
+        raise ConfigError(f"{flag} expects section.key=value (e.g. inner.lr=0.05), got {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

@@ -177,8 +177,9 @@ def run_study(
         overrides: extra ``--set`` items, applied last.
 
     Raises:
-        ConfigError: ``tune_at_budget`` without ``full``, an unknown label in ``only``, an optimizer name that this installation
-            does not provide (named, with the known ones), or any bad config.
+        ConfigError: ``tune_at_budget`` without ``full``, an unknown label in ``only``, an
+            optimizer name that this installation does not provide (named, with the known
+            ones), or any bad config.
     """
     from metaopt import optim
 

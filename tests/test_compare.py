@@ -369,6 +369,8 @@ def test_cli_compare_tunes_on_a_reduced_budget_with_tune_set(tmp_path: Path, cap
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert final["train"]["iterations"] == 3 and final["inner"]["lr"] == summary["rows"][0]["tune"]["chosen"]["inner.lr"]
     assert summary["tune_request"]["overrides"][-1] == "train.iterations=2" and summary["rows"][0]["iterations"] == 3
+    assert cli.main(argv[:-1] + ["iterations"]) == 2  # a malformed --tune-set item, named as such
+    assert "--tune-set expects section.key=value (e.g. inner.lr=0.05), got 'iterations'" in capsys.readouterr().err
 
 
 

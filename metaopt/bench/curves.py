@@ -57,7 +57,7 @@ def measure_points(points: Sequence[tuple[Any, ...]], impl_keys: Sequence[str], 
     groups = [points] if interleave_points else [[p] for p in points]
     for group in groups:
         its: dict[tuple[str, str], MetaIteration] = {}
-        group_rows: list[tuple[tuple[str, str], Case, dict[str, Any]]] = []
+        group_rows: dict[tuple[str, str], tuple[Case, dict[str, Any]]] = {}  # (label, impl) -> case, row
         for label, case, *own in group:
             keys = own[0] if own else impl_keys
             try:
@@ -78,16 +78,16 @@ def measure_points(points: Sequence[tuple[Any, ...]], impl_keys: Sequence[str], 
                         its[(label, key)] = MetaIteration(impl, case, model, batch, device)
                     except Exception as e:  # noqa: BLE001
                         row["error"] = f"{type(e).__name__}: {e}"
-                group_rows.append(((label, key), case, row))
+                group_rows[(label, key)] = (case, row)
             log(f"  point {label}: {case.label}")
         try:
             times = time_interleaved(its, repeats, warmup, 1)
         except Exception as e:  # noqa: BLE001
             times = {}
             for ident in its:
-                next(r for i, _, r in group_rows if i == ident)["error"] = f"{type(e).__name__} while timing: {e}"
+                group_rows[ident][1]["error"] = f"{type(e).__name__} while timing: {e}"
         del its
-        for ident, case, row in group_rows:
+        for ident, (case, row) in group_rows.items():
             if ident in times:
                 key = ident[1]
                 row["seconds"] = statistics.median(times[ident])
