@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
     p.add_argument("--no-rerun", dest="rerun", action="store_false",
                    help="refuse run directories whose config differs instead of re-running them")
+    p.add_argument("--retry-diverged", action="store_true",
+                   help="train again the runs recorded as diverged (e.g. after a fix) instead of reusing the record")
     p.add_argument("--runs", default="runs/study")
     p.add_argument("--results", default="results/study")
     args = p.parse_args(argv)
@@ -49,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         studies = [load_study(s) for s in args.specs]  # every spec checked before anything runs
         for study in studies:
             run_study(study, args.runs, args.results, full=args.full, tune_at_budget=args.tune_at_budget, only=only,
-                      overrides=args.overrides,
-                      device=args.device, rerun=args.rerun, log=lambda m: print(m, file=sys.stderr))
+                      overrides=args.overrides, device=args.device, rerun=args.rerun,
+                      retry_diverged=args.retry_diverged, log=lambda m: print(m, file=sys.stderr))
             name = study.name + ("_full" if args.full else "")
             print(f"{name}: {Path(args.results) / name / 'summary.md'}")
     except (ConfigError, FileNotFoundError) as e:

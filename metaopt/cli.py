@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Writes OUT/<inner>/seed<k>/ (and OUT/<inner>/tune/...) run directories, OUT/summary.md,\n"
                "OUT/summary.json and OUT/plots/compare_*.png. Re-running reuses a finished run only when\n"
                "its saved config.yaml matches; a run of another config is re-run (the old one kept as\n"
-               "RUN.stale-K), or refused with --no-rerun, naming the differing key.",
+               "RUN.stale-K), or refused with --no-rerun, naming the differing key. A run recorded as\n"
+               "diverged is reused as such; --retry-diverged trains it again (e.g. after a fix).",
     )
     p.add_argument("config")
     p.add_argument("--inner", required=True, help="comma-separated inner optimizers, e.g. sgd,adafactor")
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tune on a reduced budget, train the final seeds on the full one")
     p.add_argument("--no-rerun", dest="rerun", action="store_false",
                    help="refuse (instead of re-running) a run directory whose config differs")
+    p.add_argument("--retry-diverged", action="store_true",
+                   help="train again the runs recorded as diverged (default: reuse the record)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare-<config name>-<time>)")
     _add_common(p)
 
@@ -282,7 +285,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         config.parse_override(item, "--tune-set")
     tune_overrides = [*overrides, *args.tune_sets] if args.tune_sets else None
     compare(args.config, args.inner, args.seeds, out, overrides=overrides, tune=args.tune, tune_seeds=args.tune_seeds,
-            tune_overrides=tune_overrides, rerun=args.rerun, device=args.device,
+            tune_overrides=tune_overrides, rerun=args.rerun, retry_diverged=args.retry_diverged, device=args.device,
             log=lambda m: print(m, file=sys.stderr))
     print((out / "summary.md").read_text(), end="")
     print(f"summary: {out / 'summary.md'}  plots: {out / 'plots'}")

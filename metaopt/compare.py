@@ -230,6 +230,7 @@ def compare(
     tune_overrides: Sequence[str] | None = None,
     tune_dir: str | Path | None = None,
     rerun: bool = True,
+    retry_diverged: bool = False,
     device: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -261,6 +262,7 @@ def compare(
         tune_dir: folder of the tuning runs, ``<tune_dir>/<inner>/tune/...`` (default:
             ``out_dir``), e.g. a reduced-budget comparison whose tuning runs are reused.
         rerun: re-run a run directory whose config differs (False: refuse, naming the key).
+        retry_diverged: train again the runs recorded as diverged (default: reuse the record).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (default: the config's).
         log: progress messages (``None``: silent).
 
@@ -302,7 +304,7 @@ def compare(
         if points:
             tune_root = Path(tune_dir) / _slug(label) if tune_dir is not None else slug
             tuning = _tune(label, grid, points, tune_cfgs, tune_root / "tune", tune_seeds,
-                           device=device, rerun=rerun, log=log)
+                           device=device, rerun=rerun, retry_diverged=retry_diverged, log=log)
             if tuning["chosen"] is None:  # every grid point diverged: nothing to train
                 rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
                 continue
@@ -314,7 +316,7 @@ def compare(
         for k in range(seeds):
             seeded = _with(final_cfg, {"train.seed": final_cfg["train"]["seed"] + k})
             run_dir = slug / f"seed{k}"
-            runs.append(run_config(seeded, run_dir, device=device, rerun=rerun, log=log,
+            runs.append(run_config(seeded, run_dir, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log,
                                    message=f"[compare] {label} seed {k} -> {run_dir}"))
         rows.append({"inner": label, "config": final_cfg, "runs": runs, "tune": tuning})
     title = Path(config).name if isinstance(config, (str, Path)) else ""
@@ -334,7 +336,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfgs: list[Config],
-          tune_dir: Path, tune_seeds: int, *, device: str | None, rerun: bool,
+          tune_dir: Path, tune_seeds: int, *, device: str | None, rerun: bool, retry_diverged: bool,
           log: Callable[[str], None] | None) -> dict[str, Any]:
     """Train every grid point on the tuning seeds, score it on validation tasks, choose."""
     results: list[dict[str, Any]] = []
@@ -347,7 +349,7 @@ def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]
             seeded = _with(cfg, {"train.seed": cfg["train"]["seed"] + TUNE_SEED_OFFSET + k,
                                  "train.plots": False, "train.tensorboard": False})
             run_dir = tune_dir / _point_slug(point) / f"seed{k}"
-            rec = run_config(seeded, run_dir, device=device, rerun=rerun, log=log,
+            rec = run_config(seeded, run_dir, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log,
                              message=f"[compare] tuning {label} {_point_slug(point)} seed {k} -> {run_dir}")
             metric = metric or (rec["results"] or {}).get("metric")
             v = validation_metric(run_dir, device=device) if rec["status"] == "ok" else None

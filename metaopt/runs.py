@@ -81,7 +81,8 @@ def _describe_diff(diffs: Sequence[tuple[str, Any, Any]]) -> str:
 
 
 def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, rerun: bool = True,
-               log: Callable[[str], None] | None = None, message: str = "") -> dict[str, Any]:
+               retry_diverged: bool = False, log: Callable[[str], None] | None = None,
+               message: str = "") -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir``, or reuse what is there when it is the same run.
 
     * same config (:func:`config_diff` of the saved ``config.yaml``, ignoring
@@ -93,7 +94,10 @@ def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, r
       run trained afresh; without, :class:`~metaopt.config.ConfigError` names the differing key.
 
     A non-finite meta-loss does not stop a comparison: the run is recorded as diverged
-    (``diverged.json``: iteration and value) and reported by name.
+    (``diverged.json``: iteration and value) and reported by name. Re-running reuses that
+    record (the same config diverges the same way); ``retry_diverged`` trains it afresh instead,
+    the old directory kept as ``RUN_DIR.stale-K``: for a run that diverged because of a bug
+    since fixed, or after a change of code the config does not record.
 
     Returns:
         ``{"run_dir", "status": "ok" | "diverged", "results": results.json or None,
@@ -111,9 +115,15 @@ def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, r
         diverged = _read_json(run_dir / "diverged.json")
         results = _read_json(run_dir / "results.json")
         if not diffs:
-            if diverged is not None:
+            if diverged is not None and not retry_diverged:
                 return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": diverged}
-            if results is not None and results.get("iteration") == cfg["train"]["iterations"]:
+            if diverged is not None:
+                stale = _stale_dir(run_dir)
+                run_dir.rename(stale)
+                if log:
+                    log(f"[compare] {run_dir}: diverged at iteration {diverged.get('iteration')} before; "
+                        f"retrying (old run moved to {stale})")
+            elif results is not None and results.get("iteration") == cfg["train"]["iterations"]:
                 return _record(run_dir, results)
             if ckpt.is_file():
                 resume_iterations = cfg["train"]["iterations"]

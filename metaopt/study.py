@@ -159,6 +159,7 @@ def run_study(
     overrides: Sequence[str] = (),
     device: str | None = None,
     rerun: bool = True,
+    retry_diverged: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run (or continue) one study setting and write its report.
@@ -175,6 +176,7 @@ def run_study(
             only the final seeds on the full schedule; the report says so.
         only: optimizer labels to run (default: all).
         overrides: extra ``--set`` items, applied last.
+        rerun, retry_diverged: as in :func:`~metaopt.compare.compare`.
 
     Raises:
         ConfigError: ``tune_at_budget`` without ``full``, an unknown label in ``only``, an
@@ -204,7 +206,8 @@ def run_study(
         study.config if study.config is not None else {}, {o.label: o.entry() for o in chosen}, study.seeds,
         Path(runs_dir) / name, overrides=sets, grids={o.label: o.tune for o in chosen if o.tune},
         tune=None, tune_seeds=study.tune_seeds, tune_overrides=tune_sets,
-        tune_dir=Path(runs_dir) / study.name if tune_at_budget else None, rerun=rerun, device=device, log=log,
+        tune_dir=Path(runs_dir) / study.name if tune_at_budget else None, rerun=rerun,
+        retry_diverged=retry_diverged, device=device, log=log,
     )
     out = Path(results_dir) / name
     (out / "plots").mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,28 @@ def test_stale_runs_are_refused_or_rerun(tmp_path: Path) -> None:
     assert extended["rows"][0]["mean"] == pytest.approx(fresh["rows"][0]["mean"], rel=1e-6)
 
 
+def test_diverged_runs_are_reused_unless_retried(tmp_path: Path) -> None:
+    """A diverged record is reused (same config, same outcome); ``retry_diverged`` trains it
+    again, e.g. after a fix the config does not record, keeping the old record aside."""
+    first = C.compare({}, "sgd", 1, tmp_path, overrides=QUICK, device="cpu", log=None)
+    seed0 = tmp_path / "sgd" / "seed0"
+    # What an older code version left: the same config, recorded as diverged at iteration 1.
+    (seed0 / "results.json").unlink()
+    shutil.rmtree(seed0 / "checkpoints")
+    (seed0 / "diverged.json").write_text(json.dumps({"iteration": 1, "value": "nan"}))
+    logged: list[str] = []
+    reused = C.compare({}, "sgd", 1, tmp_path, overrides=QUICK, device="cpu", log=logged.append)
+    assert logged == [] and reused["rows"][0]["mean"] is None and len(reused["rows"][0]["diverged"]) == 1
+    retried = C.compare({}, "sgd", 1, tmp_path, overrides=QUICK, device="cpu", retry_diverged=True,
+                        log=logged.append)
+    assert any("diverged at iteration 1 before; retrying" in m for m in logged)
+    assert retried["rows"][0]["mean"] == pytest.approx(first["rows"][0]["mean"], rel=1e-6)
+    assert (tmp_path / "sgd/seed0.stale-1/diverged.json").is_file() and not (seed0 / "diverged.json").exists()
+    logged.clear()  # and the retried run is now an ordinary finished one: reused
+    C.compare({}, "sgd", 1, tmp_path, overrides=QUICK, device="cpu", retry_diverged=True, log=logged.append)
+    assert logged == []
+
+
 def test_tune_selects_on_validation_not_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The grid's test-best and validation-best differ by construction: the stub validation
     metric is minus the run's own test MSE, so validation prefers the test-WORST value.
@@ -371,6 +394,13 @@ def test_cli_compare_tunes_on_a_reduced_budget_with_tune_set(tmp_path: Path, cap
     assert summary["tune_request"]["overrides"][-1] == "train.iterations=2" and summary["rows"][0]["iterations"] == 3
     assert cli.main(argv[:-1] + ["iterations"]) == 2  # a malformed --tune-set item, named as such
     assert "--tune-set expects section.key=value (e.g. inner.lr=0.05), got 'iterations'" in capsys.readouterr().err
+    # --retry-diverged reaches the runs: a seed recorded as diverged is trained again.
+    seed0 = tmp_path / "sgd/seed0"
+    (seed0 / "results.json").unlink()
+    (seed0 / "diverged.json").write_text(json.dumps({"iteration": 2, "value": "nan"}))
+    assert cli.main(argv + ["--retry-diverged"]) == 0
+    assert "retrying" in capsys.readouterr().err and (tmp_path / "sgd/seed0.stale-1/diverged.json").is_file()
+    assert (seed0 / "results.json").is_file()
 
 
 
