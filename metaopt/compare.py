@@ -58,6 +58,7 @@ from metaopt.runs import (
     config_diff,
     per_task_test_values,
     run_config,
+    test_tasks_sha256,
     validation_metric,
 )
 
@@ -426,6 +427,7 @@ __all__ = [
     "parse_inner_specs",
     "parse_tune",
     "per_task_test_values",
+    "test_tasks_sha256",
     "reproduce",
     "reproduction_markdown",
     "run_config",

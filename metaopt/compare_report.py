@@ -32,7 +32,7 @@ from typing import Any
 from metaopt import stats
 from metaopt.loop import format_metric, format_number
 from metaopt.rundir import write_json
-from metaopt.runs import per_task_test_values
+from metaopt.runs import per_task_test_values, test_tasks_sha256
 
 __all__ = [
     "format_difference",
@@ -105,27 +105,40 @@ def _paired(table: Sequence[Mapping[str, Any]], *, device: str | None) -> list[d
     the test tasks (task-sampling noise of these trained models; training noise is not in it).
     Over seeds: ``d_k = a(seed k) - b(seed k)`` (same model init and training tasks) with a
     Student-t CI over the seeds both finished (training noise; needs >= 2 seeds for a CI).
+    Tasks pair only when every run's test tasks hash the same (:func:`test_tasks_sha256`;
+    runs older than the hash are taken to agree): CPU and CUDA Omniglot runs see different
+    tasks, so a row with seeds from both, or two rows from different devices, pair over
+    seeds only, said so.
     """
     live = [r for r in table if r["finite_seeds"]]
     if len(live) < 2:
         return []
     per_task: dict[str, list[float]] = {}
+    sha: dict[str, str | None] = {}
+    why: dict[str, str] = {}  # a row whose per-task values cannot be paired at all
     for r in live:
+        dirs = [d for d, v in zip(r["run_dirs"], r["per_seed"]) if v is not None]
+        hashes = {h for h in map(test_tasks_sha256, dirs) if h is not None}
+        if len(hashes) > 1:
+            why[r["inner"]] = f"not paired: {r['inner']}'s seeds were tested on different tasks (e.g. CPU and CUDA)"
+            continue
+        sha[r["inner"]] = hashes.pop() if hashes else None
         try:
-            seeds = [per_task_test_values(d, device=device) for d, v in zip(r["run_dirs"], r["per_seed"]) if v is not None]
+            seeds = [per_task_test_values(d, device=device) for d in dirs]
         except FileNotFoundError:  # checkpoints deleted (e.g. copied back from another machine): seeds only
-            per_task[r["inner"]] = []
+            why[r["inner"]] = "not paired: per-task test values not saved and no checkpoint"
             continue
         n = len(seeds[0])
         per_task[r["inner"]] = [math.fsum(s[i] for s in seeds) / len(seeds) for i in range(n)]
     out = []
     for j, a in enumerate(live):
         for b in live[:j]:
-            ta, tb = per_task[a["inner"]], per_task[b["inner"]]
             rec: dict[str, Any] = {"a": a["inner"], "b": b["inner"], "metric": a["metric"]}
-            rec["over_tasks"] = (paired_summary(ta, tb, "test tasks") if ta and tb else
-                                 {"n": 0, "mean": None, "ci95": None,
-                                  "note": "not paired: per-task test values not saved and no checkpoint"})
+            note = why.get(a["inner"]) or why.get(b["inner"])
+            if note is None and None not in (sha[a["inner"]], sha[b["inner"]]) and sha[a["inner"]] != sha[b["inner"]]:
+                note = "not paired: the two rows were tested on different tasks (e.g. CPU and CUDA)"
+            rec["over_tasks"] = ({"n": 0, "mean": None, "ci95": None, "note": note} if note is not None else
+                                 paired_summary(per_task[a["inner"]], per_task[b["inner"]], "test tasks"))
             both = [(x, y) for x, y in zip(a["per_seed"], b["per_seed"]) if x is not None and y is not None]
             rec["over_seeds"] = paired_summary([x for x, _ in both], [y for _, y in both], "seeds")
             out.append(rec)

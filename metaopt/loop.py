@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "format_metric",
     "format_number",
     "meta_step",
+    "tasks_fingerprint",
 ]
 
 
@@ -265,6 +267,7 @@ class EvalResult:
     loss_mean: float
     split: str = "val"
     values: list[float] = field(default_factory=list, repr=False)
+    tasks_sha256: str | None = None
 
     @property
     def diverged_tasks(self) -> int:
@@ -302,6 +305,8 @@ class EvalResult:
         d.pop("values")
         d["before"] = {"mean": d.pop("before_mean"), "ci95": d.pop("before_ci95")}
         d["query_loss"] = d.pop("loss_mean")
+        if d["tasks_sha256"] is None:
+            d.pop("tasks_sha256")
         reason = self.divergence(inner_lr)
         if reason is not None:
             d["diverged"] = reason
@@ -320,7 +325,7 @@ def _mean_ci(values: Tensor) -> tuple[float, float | None, float | None]:
 
 
 def evaluate(maml: MAML, batches: Iterable[Any], *, split: str = "val", device: torch.device | None = None,
-             sync: Collective = LOCAL) -> EvalResult:
+             sync: Collective = LOCAL, fingerprint: bool = False) -> EvalResult:
     """Adapt to each held-out task (``eval_inner_steps``, no meta-graph) and aggregate.
 
     Args:
@@ -332,6 +337,8 @@ def evaluate(maml: MAML, batches: Iterable[Any], *, split: str = "val", device: 
         sync: the collective; each batch is split across its ranks (unevenly if need be),
             per-task values are gathered in task order, so every rank returns the result
             of one process over the same tasks.
+        fingerprint: also hash the tasks' tensors (``tasks_sha256``, see
+            :func:`tasks_fingerprint`): per-task values of two runs pair only when it agrees.
 
     Raises:
         ValueError: the batches hold no task.
@@ -339,8 +346,11 @@ def evaluate(maml: MAML, batches: Iterable[Any], *, split: str = "val", device: 
     rows: list[Tensor] = []  # (tasks, 4): global task index, metric after, before, query loss
     classify = False
     seen = 0  # global index of the current batch's first task
+    digest = hashlib.sha256() if fingerprint else None
     for raw in batches:
         full = as_task_batch(raw)
+        if digest is not None:  # the full batch: the same on every rank
+            _hash_batch(digest, full)
         start, stop = sync.shard(full.num_tasks, allow_remainder=True)
         first, seen = seen, seen + full.num_tasks
         if stop == start:
@@ -368,7 +378,39 @@ def evaluate(maml: MAML, batches: Iterable[Any], *, split: str = "val", device: 
         metric="accuracy" if classify else "mse", mean=mean, ci95=ci, std=std, tasks=a.numel(),
         inner_steps=int(getattr(maml, "eval_inner_steps", 0)), before_mean=bm, before_ci95=bci,
         loss_mean=float(lo.mean()), split=split, values=a.tolist(),
+        tasks_sha256=digest.hexdigest() if digest is not None else None,
     )
+
+
+def _hash_batch(digest: Any, batch: TaskBatch) -> None:
+    """Feed ``batch`` to ``digest`` task by task (so the chunking into batches does not count)."""
+    tensors = [t.detach().cpu().contiguous() for t in (*batch.support, *batch.query)]
+    tensors = [t.view(torch.int16) if t.dtype == torch.bfloat16 else t for t in tensors]  # numpy has no bf16
+    for i in range(batch.num_tasks):
+        for t in tensors:
+            digest.update(f"{t.dtype}{tuple(t.shape[1:])}".encode())
+            digest.update(t[i].numpy().tobytes())
+
+
+def tasks_fingerprint(batches: Iterable[Any]) -> str:
+    """SHA-256 of held-out tasks' tensors (support and query, inputs and targets, in order).
+
+    Two runs' per-task values pair task by task only when they were measured on the same
+    tasks. Seeds fix them, but not across device types: Omniglot draws its tasks with a
+    generator on the device that holds the images, so CPU and CUDA runs see different ones.
+
+    Example:
+        >>> from metaopt.tasks import Sinusoid, eval_batches
+        >>> a = tasks_fingerprint(eval_batches(Sinusoid(), 4, 2, seed=1, device="cpu"))
+        >>> a == tasks_fingerprint(eval_batches(Sinusoid(), 4, 2, seed=1, device="cpu")), len(a)
+        (True, 64)
+        >>> a == tasks_fingerprint(eval_batches(Sinusoid(), 4, 2, seed=2, device="cpu"))
+        False
+    """
+    digest = hashlib.sha256()
+    for raw in batches:
+        _hash_batch(digest, as_task_batch(raw))
+    return digest.hexdigest()
 
 
 # ============================================================================ batch streams

@@ -222,8 +222,21 @@ def per_task_test_values(run_dir: str | Path, *, device: str | None = None) -> l
     if saved is not None and abs(ev.mean - saved) > 1e-4 * max(1.0, abs(saved)):
         raise RuntimeError(f"re-evaluating {run_dir} gave test mean {ev.mean!r}, results.json says {saved!r}")
     write_json(run_dir / "results_test_values.json",
-               {"iteration": trainer.iteration, "tasks": ev.tasks, "metric": ev.metric, "values": ev.values})
+               {"iteration": trainer.iteration, "tasks": ev.tasks, "metric": ev.metric, "values": ev.values,
+                "tasks_sha256": ev.tasks_sha256})
     return list(ev.values)
 
 
-__all__ = ["COSMETIC_KEYS", "config_diff", "per_task_test_values", "run_config", "validation_metric"]
+def test_tasks_sha256(run_dir: str | Path) -> str | None:
+    """The hash of the test tasks ``run_dir``'s per-task values were measured on
+    (:func:`metaopt.loop.tasks_fingerprint`), or ``None`` for a run older than the hash."""
+    run_dir = Path(run_dir)
+    for name in ("results.json", "results_test_values.json"):
+        sha = (_read_json(run_dir / name) or {}).get("tasks_sha256")
+        if sha:
+            return str(sha)
+    return None
+
+
+__all__ = ["COSMETIC_KEYS", "config_diff", "per_task_test_values", "run_config", "test_tasks_sha256",
+           "validation_metric"]

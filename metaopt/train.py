@@ -416,7 +416,9 @@ class Trainer:
             total, desc = (len(batches) if hasattr(batches, "__len__") else None), split  # type: ignore[arg-type]
         batches = _progress(batches, desc, total, bool(t["progress"]) and self.is_main)
         with self._precision():
-            return evaluate(self.maml, batches, split=split, device=self.device, sync=self.sync)
+            # The test tasks' hash: paired comparisons check that two runs saw the same tasks.
+            return evaluate(self.maml, batches, split=split, device=self.device, sync=self.sync,
+                            fingerprint=split == "test")
 
     def inner_lr(self) -> Any:
         """The inner learning rate as a number (the learned one with ``inner.learn_lr``)."""
@@ -550,7 +552,8 @@ class Trainer:
             write_json(self.run_dir / "results.json", results)
             if test is not None:  # per-task values: paired comparisons need no checkpoint later
                 write_json(self.run_dir / "results_test_values.json", {"iteration": self.iteration, "tasks": test.tasks,
-                                                                       "metric": test.metric, "values": test.values})
+                                                                       "metric": test.metric, "values": test.values,
+                                                                       "tasks_sha256": test.tasks_sha256})
             if self.cfg["train"]["plots"]:
                 self.plot(test)
         return results

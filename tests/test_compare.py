@@ -98,12 +98,15 @@ def test_slug_and_config_diff() -> None:
 # ---------------------------------------------------------------------------- reports (no training)
 
 
-def _fake_run(tmp: Path, name: str, values: list[float], metric: str = "mse") -> dict[str, Any]:
+def _fake_run(tmp: Path, name: str, values: list[float], metric: str = "mse",
+              tasks_sha256: str | None = None) -> dict[str, Any]:
     """A finished run directory whose results.json holds its per-task test values."""
     d = tmp / name
     d.mkdir(parents=True)
     res = {"metric": metric, "mean": sum(values) / len(values), "ci95": 0.0, "tasks": len(values),
            "iteration": 10, "before": {"mean": 2.0}, "values": values}
+    if tasks_sha256 is not None:
+        res["tasks_sha256"] = tasks_sha256
     (d / "results.json").write_text(json.dumps(res))
     return {"run_dir": str(d), "status": "ok", "results": res, "diverged": None}
 
@@ -182,6 +185,25 @@ def test_runs_without_values_or_checkpoint_pair_over_seeds_only(tmp_path: Path) 
     (p,) = s["paired"]
     assert p["over_tasks"]["mean"] is None and "no checkpoint" in p["over_tasks"]["note"]
     assert p["over_seeds"]["n"] == 2 and p["over_seeds"]["mean"] == pytest.approx(0.35)
+
+
+def test_runs_on_different_test_tasks_are_not_paired_over_tasks(tmp_path: Path) -> None:
+    """Per-task values pair only when the tasks' hashes agree: rows tested on other tasks (CPU
+    against CUDA Omniglot), or a row mixing both, pair over seeds only, and say why."""
+    v = [0.5, 0.6, 0.7]
+    rows = [_row("A", [_fake_run(tmp_path, f"a{k}", v, tasks_sha256="cpu") for k in range(2)]),
+            _row("B", [_fake_run(tmp_path, f"b{k}", [x + 0.1 for x in v], tasks_sha256="cpu") for k in range(2)]),
+            _row("C", [_fake_run(tmp_path, f"c{k}", v, tasks_sha256="cuda") for k in range(2)]),
+            _row("D", [_fake_run(tmp_path, "d0", v, tasks_sha256="cpu"), _fake_run(tmp_path, "d1", v, tasks_sha256="cuda")]),
+            _row("E", [_fake_run(tmp_path, f"e{k}", v) for k in range(2)])]  # older than the hash
+    s = C.summarize_compare(rows, tmp_path / "out")
+    over = {(p["a"], p["b"]): p["over_tasks"] for p in s["paired"]}
+    assert over[("B", "A")]["n"] == 3 and over[("B", "A")]["mean"] == pytest.approx(0.1)
+    assert over[("C", "A")]["note"] == "not paired: the two rows were tested on different tasks (e.g. CPU and CUDA)"
+    assert over[("D", "A")]["note"] == "not paired: D's seeds were tested on different tasks (e.g. CPU and CUDA)"
+    assert over[("E", "A")]["n"] == 3 and over[("E", "C")]["n"] == 3  # no hash: taken to agree, as before
+    assert all(p["over_seeds"]["n"] == 2 for p in s["paired"])  # seeds still pair
+    assert "tested on different tasks" in (tmp_path / "out/summary.md").read_text()
 
 
 def test_all_seeds_diverged_row(tmp_path: Path) -> None:
@@ -359,6 +381,15 @@ def test_validation_metric_reads_validation_tasks(tmp_path: Path) -> None:
     assert len(values) == 4 and statistics.mean(values) == pytest.approx(
         json.loads((run / "results.json").read_text())["mean"], rel=1e-9)
     assert json.loads((run / "results_test_values.json").read_text())["values"] == values
+    # The test tasks' hash: saved by training and by the re-evaluation, equal to hashing the
+    # sinusoid test tasks directly (the seed and count the trainer uses).
+    from metaopt.loop import tasks_fingerprint
+    from metaopt.tasks import Sinusoid, eval_batches
+    from metaopt.train import TEST_SEED
+    expected = tasks_fingerprint(eval_batches(Sinusoid(shots=10, queries=10), 4, 1, TEST_SEED, "cpu"))
+    assert saved["tasks_sha256"] == expected == C.test_tasks_sha256(run)
+    assert json.loads((run / "results_test_values.json").read_text())["tasks_sha256"] == expected
+    assert expected != tasks_fingerprint(eval_batches(Sinusoid(shots=10, queries=10), 4, 1, TEST_SEED + 1, "cpu"))
 
 
 def test_cli_compare_with_tune_and_no_rerun(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
