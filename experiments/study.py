@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse run directories whose config differs instead of re-running them")
     p.add_argument("--retry-diverged", action="store_true",
                    help="train again the runs recorded as diverged (e.g. after a fix) instead of reusing the record")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at a time, in worker processes (with OMP_NUM_THREADS=1: one per core)")
     p.add_argument("--runs", default="runs/study")
     p.add_argument("--results", default="results/study")
     args = p.parse_args(argv)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for study in studies:
             run_study(study, args.runs, args.results, full=args.full, tune_at_budget=args.tune_at_budget, only=only,
                       overrides=args.overrides, device=args.device, rerun=args.rerun,
-                      retry_diverged=args.retry_diverged, log=lambda m: print(m, file=sys.stderr))
+                      retry_diverged=args.retry_diverged, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
             name = study.name + ("_full" if args.full else "")
             print(f"{name}: {Path(args.results) / name / 'summary.md'}")
     except (ConfigError, FileNotFoundError) as e:

@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse (instead of re-running) a run directory whose config differs")
     p.add_argument("--retry-diverged", action="store_true",
                    help="train again the runs recorded as diverged (default: reuse the record)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at a time, in worker processes (default 1; on a CPU with OMP_NUM_THREADS=1, one per core)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare-<config name>-<time>)")
     _add_common(p)
 
@@ -285,7 +287,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         config.parse_override(item, "--tune-set")
     tune_overrides = [*overrides, *args.tune_sets] if args.tune_sets else None
     compare(args.config, args.inner, args.seeds, out, overrides=overrides, tune=args.tune, tune_seeds=args.tune_seeds,
-            tune_overrides=tune_overrides, rerun=args.rerun, retry_diverged=args.retry_diverged, device=args.device,
+            tune_overrides=tune_overrides, rerun=args.rerun, retry_diverged=args.retry_diverged, jobs=args.jobs,
+            device=args.device,
             log=lambda m: print(m, file=sys.stderr))
     print((out / "summary.md").read_text(), end="")
     print(f"summary: {out / 'summary.md'}  plots: {out / 'plots'}")

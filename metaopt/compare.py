@@ -54,6 +54,7 @@ from metaopt.compare_report import _fmt_ci, _fmt_metric  # noqa: F401  (the form
 from metaopt.config import Config, ConfigError
 from metaopt.runs import (
     COSMETIC_KEYS,
+    RunPool,
     _yaml_value,
     config_diff,
     per_task_test_values,
@@ -232,6 +233,7 @@ def compare(
     tune_dir: str | Path | None = None,
     rerun: bool = True,
     retry_diverged: bool = False,
+    jobs: int = 1,
     device: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -264,6 +266,9 @@ def compare(
             ``out_dir``), e.g. a reduced-budget comparison whose tuning runs are reused.
         rerun: re-run a run directory whose config differs (False: refuse, naming the key).
         retry_diverged: train again the runs recorded as diverged (default: reuse the record).
+        jobs: runs at a time, in worker processes (:class:`~metaopt.runs.RunPool`): every
+            tuning run is queued first, each optimizer's final seeds as soon as its value is
+            chosen. The results do not depend on it.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (default: the config's).
         log: progress messages (``None``: silent).
 
@@ -274,7 +279,7 @@ def compare(
         ConfigError: bad arguments or configs (checked for every run before any training),
             or a stale run directory with ``rerun=False``.
     """
-    for name, v in (("--seeds", seeds), ("--tune-seeds", tune_seeds)):
+    for name, v in (("--seeds", seeds), ("--tune-seeds", tune_seeds), ("--jobs", jobs)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
     specs = _specs(inner)
@@ -298,28 +303,41 @@ def compare(
         plans.append((label, base, grid, fixed, points, point_cfgs, tune_cfgs))
 
     rows: list[dict[str, Any]] = []
-    for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
-        slug = out_dir / _slug(label)
-        tuning: dict[str, Any] | None = None
-        final_cfg = base
-        if points:
-            tune_root = Path(tune_dir) / _slug(label) if tune_dir is not None else slug
-            tuning = _tune(label, grid, points, tune_cfgs, tune_root / "tune", tune_seeds,
-                           device=device, rerun=rerun, retry_diverged=retry_diverged, log=log)
-            if tuning["chosen"] is None:  # every grid point diverged: nothing to train
-                rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
-                continue
-            final_cfg = point_cfgs[tuning["chosen_index"]]
-        elif fixed:
-            tuning = {"skipped": f"{', '.join(fixed)} set by the --inner entry",
-                      "chosen": {k: _get(base, k) for k in fixed}}
-        runs = []
-        for k in range(seeds):
-            seeded = _with(final_cfg, {"train.seed": final_cfg["train"]["seed"] + k})
-            run_dir = slug / f"seed{k}"
-            runs.append(run_config(seeded, run_dir, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log,
-                                   message=f"[compare] {label} seed {k} -> {run_dir}"))
-        rows.append({"inner": label, "config": final_cfg, "runs": runs, "tune": tuning})
+    with RunPool(jobs, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log) as pool:
+        # Every tuning run is queued before any is waited for (a no-op when jobs == 1).
+        tune_runs = {}
+        for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
+            root = (Path(tune_dir) if tune_dir is not None else out_dir) / _slug(label) / "tune"
+            tune_runs[label] = _tuning_runs(label, points, tune_cfgs, root, tune_seeds)
+            for point_runs in tune_runs[label]:
+                for run in point_runs:
+                    pool.submit(*run)
+        finals: list[tuple[dict[str, Any], list[tuple[Config, Path, str]]]] = []
+        for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
+            slug = out_dir / _slug(label)
+            tuning: dict[str, Any] | None = None
+            final_cfg = base
+            if points:
+                tuning = _tune(grid, points, tune_cfgs, tune_runs[label], pool, device=device)
+                if tuning["chosen"] is None:  # every grid point diverged: nothing to train
+                    rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
+                    continue
+                final_cfg = point_cfgs[tuning["chosen_index"]]
+            elif fixed:
+                tuning = {"skipped": f"{', '.join(fixed)} set by the --inner entry",
+                          "chosen": {k: _get(base, k) for k in fixed}}
+            seed_runs = [(_with(final_cfg, {"train.seed": final_cfg["train"]["seed"] + k}), slug / f"seed{k}",
+                          f"[compare] {label} seed {k} -> {slug / f'seed{k}'}") for k in range(seeds)]
+            for run in seed_runs:
+                pool.submit(*run)
+            row: dict[str, Any] = {"inner": label, "config": final_cfg, "runs": seed_runs, "tune": tuning}
+            rows.append(row)
+            finals.append((row, seed_runs))
+            if not pool.parallel:  # one at a time: each optimizer's row is finished before the next
+                row["runs"] = [pool.result(*run) for run in seed_runs]
+        for row, seed_runs in finals:
+            if pool.parallel:
+                row["runs"] = [pool.result(*run) for run in seed_runs]
     title = Path(config).name if isinstance(config, (str, Path)) else ""
     return summarize_compare(rows, out_dir, title=title, device=device,
                              extra={"config": str(config) if isinstance(config, (str, Path)) else None,
@@ -336,22 +354,33 @@ def _get(cfg: Config, key: str) -> Any:
     return cfg[s][k]
 
 
-def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfgs: list[Config],
-          tune_dir: Path, tune_seeds: int, *, device: str | None, rerun: bool, retry_diverged: bool,
-          log: Callable[[str], None] | None) -> dict[str, Any]:
-    """Train every grid point on the tuning seeds, score it on validation tasks, choose."""
-    results: list[dict[str, Any]] = []
-    metric = None
+def _tuning_runs(label: str, points: list[dict[str, Any]], point_cfgs: list[Config], tune_dir: Path,
+                 tune_seeds: int) -> list[list[tuple[Config, Path, str]]]:
+    """Per grid point, per tuning seed: ``(config, run directory, log message)``."""
+    out = []
     for point, cfg in zip(points, point_cfgs):
-        vals: list[float | None] = []
-        diverged = []
+        runs = []
         for k in range(tune_seeds):
             # Tuning runs only need their checkpoint and metrics: no per-run figures or event files.
             seeded = _with(cfg, {"train.seed": cfg["train"]["seed"] + TUNE_SEED_OFFSET + k,
                                  "train.plots": False, "train.tensorboard": False})
             run_dir = tune_dir / _point_slug(point) / f"seed{k}"
-            rec = run_config(seeded, run_dir, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log,
-                             message=f"[compare] tuning {label} {_point_slug(point)} seed {k} -> {run_dir}")
+            runs.append((seeded, run_dir, f"[compare] tuning {label} {_point_slug(point)} seed {k} -> {run_dir}"))
+        out.append(runs)
+    return out
+
+
+def _tune(grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfgs: list[Config],
+          runs: list[list[tuple[Config, Path, str]]], pool: RunPool, *, device: str | None) -> dict[str, Any]:
+    """Wait for every grid point's tuning runs, score each on validation tasks, choose."""
+    results: list[dict[str, Any]] = []
+    metric = None
+    for cfg, point_runs in zip(point_cfgs, runs):
+        vals: list[float | None] = []
+        diverged = []
+        for run in point_runs:
+            rec = pool.result(*run)
+            run_dir = run[1]
             metric = metric or (rec["results"] or {}).get("metric")
             v = validation_metric(run_dir, device=device) if rec["status"] == "ok" else None
             if v is None or not math.isfinite(v):
@@ -374,7 +403,7 @@ def _tune(label: str, grid: Mapping[str, list[Any]], points: list[dict[str, Any]
             if len(nums) == len(values) > 1 and points[best][key] in (nums[0], nums[-1]):
                 at_edge.append(key)
     return {"split": "val", "metric": metric, "grid": {k: list(v) for k, v in grid.items()},
-            "seeds": tune_seeds, "results": results, "chosen_index": best,
+            "seeds": len(runs[0]) if runs else 0, "results": results, "chosen_index": best,
             "chosen": results[best]["values"] if best is not None else None, "at_edge": at_edge}
 
 

@@ -7,6 +7,9 @@ run directory from its saved ``config.yaml`` (:func:`config_diff`): reuse, resum
 re-run (the old directory kept) or refuse, naming the differing key. A run whose meta-loss
 goes non-finite is recorded as diverged (``diverged.json``) instead of stopping everything.
 
+:class:`RunPool` makes those calls one after another or several at a time in worker
+processes (``metaopt compare --jobs N``).
+
 :func:`validation_metric` and :func:`per_task_test_values` read a finished run's final
 checkpoint on the fixed validation tasks (for tuning) and on the fixed test tasks, per task
 (for paired differences).
@@ -19,10 +22,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from metaopt import config as config_mod
@@ -166,6 +176,85 @@ def _record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "status": "ok", "results": results, "diverged": None}
 
 
+def _stderr(message: str) -> None:  # a worker's log (module level: it is pickled)
+    print(message, file=sys.stderr, flush=True)
+
+
+def _own_process_group() -> None:
+    """Worker initializer: a terminal's Ctrl-C goes to the parent only, which then interrupts
+    each worker exactly once (a run stops on its first SIGINT after saving a checkpoint, but
+    at once on a second)."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+
+
+class RunPool:
+    """:func:`run_config` calls, one after another (``jobs=1``) or ``jobs`` at a time in
+    worker processes.
+
+    :meth:`submit` queues a run (a no-op with ``jobs=1``); :meth:`result` returns its record,
+    running it then if it was not queued. A run's outcome depends only on its config, so the
+    records are the same either way; only the log differs (a worker logs to stderr when it
+    starts training, and shows no progress bar). Workers are spawned processes, each with
+    torch's default threads: on a CPU give each its share, e.g. ``OMP_NUM_THREADS=1`` and as
+    many jobs as cores. Leaving the ``with`` block on an error or Ctrl-C interrupts the
+    workers' runs (each saves its checkpoint, as a run does on SIGINT) and drops the queued
+    ones.
+
+    Example:
+        >>> with RunPool(jobs=1) as pool:
+        ...     pool.parallel
+        False
+    """
+
+    def __init__(self, jobs: int = 1, *, device: str | None = None, rerun: bool = True,
+                 retry_diverged: bool = False, log: Callable[[str], None] | None = None) -> None:
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ConfigError(f"--jobs must be an int >= 1, got {jobs!r}")
+        self._kwargs: dict[str, Any] = {"device": device, "rerun": rerun, "retry_diverged": retry_diverged}
+        self._log = log
+        self._futures: dict[str, Future[dict[str, Any]]] = {}
+        self._pool = (ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_own_process_group) if jobs > 1 else None)
+
+    @property
+    def parallel(self) -> bool:
+        return self._pool is not None
+
+    def submit(self, cfg: Config, run_dir: str | Path, message: str = "") -> None:
+        """Queue ``run_config(cfg, run_dir)`` on a worker (once per directory)."""
+        if self._pool is None or str(run_dir) in self._futures:
+            return
+        cfg = {**cfg, "train": {**cfg["train"], "progress": False}}  # bars of several workers would interleave
+        self._futures[str(run_dir)] = self._pool.submit(
+            run_config, cfg, run_dir, **self._kwargs, log=_stderr if self._log is not None else None, message=message)
+
+    def result(self, cfg: Config, run_dir: str | Path, message: str = "") -> dict[str, Any]:
+        """The record of ``run_config(cfg, run_dir)``: waited for, or run now."""
+        if self._pool is None:
+            return run_config(cfg, run_dir, **self._kwargs, log=self._log, message=message)
+        self.submit(cfg, run_dir, message)
+        return self._futures.pop(str(run_dir)).result()
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Wait for the workers; ``cancel``: interrupt the running runs, drop the queued ones."""
+        if self._pool is None:
+            return
+        if cancel:  # SIGINT: each worker's run saves its checkpoint and stops
+            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGINT)
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        self._pool = None
+
+    def __enter__(self) -> "RunPool":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(cancel=exc_type is not None)
+
+
 def validation_metric(run_dir: str | Path, *, device: str | None = None) -> float:
     """Mean metric of ``run_dir``'s final checkpoint on its ``train.eval_tasks`` validation
     tasks (the fixed validation set). This, never the test metric, is what
@@ -238,5 +327,5 @@ def test_tasks_sha256(run_dir: str | Path) -> str | None:
     return None
 
 
-__all__ = ["COSMETIC_KEYS", "config_diff", "per_task_test_values", "run_config", "test_tasks_sha256",
+__all__ = ["COSMETIC_KEYS", "RunPool", "config_diff", "per_task_test_values", "run_config", "test_tasks_sha256",
            "validation_metric"]

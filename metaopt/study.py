@@ -160,6 +160,7 @@ def run_study(
     device: str | None = None,
     rerun: bool = True,
     retry_diverged: bool = False,
+    jobs: int = 1,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Run (or continue) one study setting and write its report.
@@ -176,7 +177,7 @@ def run_study(
             only the final seeds on the full schedule; the report says so.
         only: optimizer labels to run (default: all).
         overrides: extra ``--set`` items, applied last.
-        rerun, retry_diverged: as in :func:`~metaopt.compare.compare`.
+        rerun, retry_diverged, jobs: as in :func:`~metaopt.compare.compare`.
 
     Raises:
         ConfigError: ``tune_at_budget`` without ``full``, an unknown label in ``only``, an
@@ -207,7 +208,7 @@ def run_study(
         Path(runs_dir) / name, overrides=sets, grids={o.label: o.tune for o in chosen if o.tune},
         tune=None, tune_seeds=study.tune_seeds, tune_overrides=tune_sets,
         tune_dir=Path(runs_dir) / study.name if tune_at_budget else None, rerun=rerun,
-        retry_diverged=retry_diverged, device=device, log=log,
+        retry_diverged=retry_diverged, jobs=jobs, device=device, log=log,
     )
     out = Path(results_dir) / name
     (out / "plots").mkdir(parents=True, exist_ok=True)

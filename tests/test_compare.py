@@ -248,6 +248,8 @@ def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
         C.compare({}, "sgd", 0, tmp_path)
     with pytest.raises(ConfigError, match="--tune-seeds"):
         C.compare({}, "sgd", 1, tmp_path, tune_seeds=0)
+    with pytest.raises(ConfigError, match="--jobs must be an int >= 1, got 0"):
+        C.compare({}, "sgd", 1, tmp_path, jobs=0)
     with pytest.raises(ConfigError, match="inner.lr"):  # a bad grid value fails before any run
         C.compare({}, "sgd", 1, tmp_path, tune=["inner.lr=0.1,-1"], overrides=QUICK)
     with pytest.raises(ConfigError, match="grids for unknown"):
@@ -315,6 +317,47 @@ def test_diverged_runs_are_reused_unless_retried(tmp_path: Path) -> None:
     logged.clear()  # and the retried run is now an ordinary finished one: reused
     C.compare({}, "sgd", 1, tmp_path, overrides=QUICK, device="cpu", retry_diverged=True, log=logged.append)
     assert logged == []
+
+
+def test_jobs_run_in_worker_processes_with_the_same_results(tmp_path: Path) -> None:
+    """jobs=2: tuning runs and final seeds train in two worker processes (each run's lock
+    names its holder's pid), and every number equals the one-at-a-time comparison."""
+    import os
+
+    kw: dict[str, Any] = {"overrides": QUICK, "tune": ["inner.lr=0.01,0.1"], "device": "cpu", "log": None}
+    one = C.compare({}, "sgd,adam", 2, tmp_path / "one", **kw)
+    two = C.compare({}, "sgd,adam", 2, tmp_path / "two", jobs=2, **kw)
+    for a, b in zip(one["rows"], two["rows"]):
+        assert a["per_seed"] == pytest.approx(b["per_seed"], rel=1e-6)
+        assert [r["val_metric"] for r in a["tune"]["results"]] == pytest.approx(
+            [r["val_metric"] for r in b["tune"]["results"]], rel=1e-6)
+        assert a["tune"]["chosen"] == b["tune"]["chosen"]
+    holders = {int((d / ".lock").read_text()) for d in (tmp_path / "two").glob("*/**/seed*") if (d / ".lock").is_file()}
+    assert len(holders) >= 2 and os.getpid() not in holders and len(list((tmp_path / "two").glob("*/**/.lock"))) == 8
+    assert (tmp_path / "two/summary.md").read_text().count("| sgd | 2 |") == 1
+
+
+def test_run_pool_interrupt_saves_the_running_runs(tmp_path: Path) -> None:
+    """Leaving the pool on an error interrupts the workers' runs: each saves a checkpoint,
+    and the run resumes from it."""
+    import time
+
+    from metaopt import runs
+
+    cfg = config_mod.resolve(config_mod.apply_overrides(
+        {}, QUICK + ["train.iterations=100000", "train.eval_every=0", "train.checkpoint_every=100000"]))
+    run_dir = tmp_path / "long"
+    with pytest.raises(KeyboardInterrupt):
+        with runs.RunPool(jobs=2, device="cpu") as pool:
+            pool.submit(cfg, run_dir)
+            deadline = time.monotonic() + 120
+            while not (run_dir / "metrics.csv").is_file() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # some iterations in
+            raise KeyboardInterrupt
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "results.json").exists()
+    from metaopt.rundir import load_checkpoint
+    assert 0 < load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] < 100000
 
 
 def test_tune_selects_on_validation_not_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
