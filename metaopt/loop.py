@@ -59,7 +59,8 @@ __all__ = [
 
 
 class NonFiniteLossError(RuntimeError):
-    """The meta-loss became NaN or infinite; ``iteration`` is the 1-based meta-iteration."""
+    """The meta-loss or its gradient became NaN or infinite; ``iteration`` is the 1-based
+    meta-iteration, ``value`` the meta-loss."""
 
     def __init__(self, iteration: int, value: float, checkpoint: Path | None, *, what: str = "") -> None:
         kept = (
@@ -72,6 +73,7 @@ class NonFiniteLossError(RuntimeError):
             "Try a smaller inner.lr or outer.lr, or train.grad_clip"
         )
         self.iteration = iteration
+        self.value = value
 
 
 # ============================================================================ collectives
@@ -182,9 +184,20 @@ def meta_step(
     # One all-reduce: .grad := gradient of the mean over all ranks' tasks, and the means
     # over all ranks' tasks (so every rank stops together on a non-finite loss).
     means = list(sync.all_reduce_grads(maml.parameters(), int(out.query_loss.shape[0]), means=means))
+    grads = [p.grad for p in maml.parameters() if p.grad is not None]
+    # A finite loss can still have a non-finite meta-gradient (an overflow in the backward),
+    # and the outer step would then make every parameter NaN. Checked in the same host sync;
+    # under fp16 loss scaling inf gradients are expected and the scaler skips the step.
+    check_grads = scaler is None and bool(grads)
+    if check_grads:
+        means.append(torch.stack([torch.isfinite(g).all() for g in grads]).all())
     values = _host_floats(means)  # the one host sync of the step
     if not math.isfinite(values[0]):
         raise NonFiniteLossError(iteration, values[0], checkpoint)
+    if check_grads:
+        if not values.pop():
+            raise NonFiniteLossError(iteration, values[0], checkpoint,
+                                     what=f"non-finite meta-gradient (the meta-loss is {values[0]:.6g})")
     if scaler is not None:  # .grad back to the meta-gradient; records whether it overflowed
         scaler.unscale_(outer)
     if grad_clip is not None:

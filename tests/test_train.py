@@ -158,6 +158,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(p).all() for p in t.model.parameters())  # no NaN step was taken
 
 
+def test_non_finite_meta_gradient_of_a_finite_loss_stops_before_the_step(tmp_path: Path) -> None:
+    """A finite meta-loss whose gradient is NaN (an overflow in some backward) must not reach
+    the outer step, which would make every parameter NaN and be noticed only one iteration
+    later as a "non-finite meta-loss"."""
+    t = Trainer(None, tmp_path, overrides=TINY + ["train.iterations=10", "train.checkpoint_every=5"],
+                data=_sine_batches(10))
+    calls = {"n": 0}
+
+    def poison(p: torch.nn.Parameter) -> None:  # the 7th meta-backward's gradient of one weight
+        calls["n"] += 1
+        if calls["n"] == 7:
+            p.grad.view(-1)[0] = math.nan
+
+    first = next(t.model.parameters())
+    first.register_post_accumulate_grad_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite meta-gradient \(the meta-loss is [0-9.]+\) at iteration 7"):
+        t.fit()
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["iteration"] == 5
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())  # the NaN step was not taken
+
+
 def test_trains_from_a_dataloader_of_torchmeta_batches(tmp_path: Path) -> None:
     flat = _sine_batches(1, tasks=40)[0]
 

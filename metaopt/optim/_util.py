@@ -131,7 +131,8 @@ def cast_hyper(h: Any, like: Tensor) -> Any:
 
 
 class _FactorRsqrt(torch.autograd.Function):
-    """``rsqrt(x)`` whose derivative is 0 wherever the incoming gradient is exactly 0.
+    """``rsqrt(x)`` whose derivative is 0 wherever the incoming gradient is exactly 0, and
+    computed without overflowing float32 where the product does not.
 
     Adafactor's transformers rule keeps ``eps1 = 1e-30`` inside its factored second moment,
     so a dead row or column (a ReLU unit whose gradient is exactly 0) has a factor of about
@@ -158,7 +159,11 @@ class _FactorRsqrt(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
-        return torch.where(grad == 0, torch.zeros_like(grad), grad * (-0.5 * y * y * y))
+        # -grad * y^3 / 2, multiplied in from the gradient: y^3 alone overflows float32 for
+        # x below ~1e-26, and a tiny but nonzero gradient there (|g| ~ 1e-15 in Adafactor's
+        # update rsqrt(g^2 + 1e-30) * g) times inf is inf, then NaN. The gradient that reaches
+        # y is about g's size, so (grad * y) * y * y stays finite where the product does.
+        return torch.where(grad == 0, torch.zeros_like(grad), ((grad * y) * y) * (-0.5 * y))
 
 
 def factor_rsqrt(x: Tensor) -> Tensor:

@@ -159,6 +159,27 @@ def test_exactly_zero_gradient_entries_give_finite_derivatives(name, dtype):
     assert all(torch.isfinite(t).all() for t in grads)
 
 
+def test_tiny_nonzero_gradients_give_the_float64_meta_gradient_in_float32() -> None:
+    """Transformers-rule Adafactor (eps1 = 1e-30 inside): a gradient entry of ~1e-15 leaves
+    v ~ 1e-30, where d rsqrt/dv ~ 1e45 overflows float32 although the derivative of the update
+    rsqrt(v) * g is finite (~1e15). Multiplied in that order it was inf, then NaN: the 70k
+    sinusoid runs of the paper recipe went NaN at iteration 42,839 (float64: 3.6e13, finite).
+    The float32 derivative must be the float64 one."""
+    def meta_grad(dtype: torch.dtype) -> torch.Tensor:
+        p0 = torch.tensor([0.5, -1.0, 1e-15], dtype=dtype, requires_grad=True)  # a bias: v unfactored
+        opt = Adafactor.from_transformers(lr=None, relative_step=True, warmup_init=False)  # the paper recipe
+        p, state = {"b": p0}, opt.init({"b": p0.detach()})
+        for _ in range(2):
+            p, state = opt.step(p, {"b": p["b"] * 1.0}, state)  # the gradient of |b|^2 / 2
+        (out,) = torch.autograd.grad(p["b"].sum(), [p0])
+        return out
+
+    g32, g64 = meta_grad(torch.float32), meta_grad(torch.float64)
+    assert torch.isfinite(g64).all() and g64.abs().max() > 1e6  # the steep spot is reached
+    assert torch.isfinite(g32).all()
+    torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=0.0)
+
+
 def test_factor_rsqrt_under_vmap_and_grad_matches_the_loop() -> None:
     """The zero-safe rsqrt's hand-written vmap rule: per-sample values, first and second
     derivatives under torch.func equal the unbatched ones, and a zero incoming gradient at a
