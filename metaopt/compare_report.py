@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from metaopt import stats
 from metaopt.loop import format_metric, format_number
 from metaopt.rundir import write_json
@@ -87,6 +89,7 @@ def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
             "iterations": row["config"]["train"]["iterations"],
             "inner_config": dict(row["config"]["inner"]),
             "run_dirs": [r["run_dir"] for r in runs], "tune": row.get("tune"),
+            "devices": [_run_device(r) for r in runs],
         })
     paired = _paired(table, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,19 @@ def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
     write_json(out_dir / "summary.json", summary)
     (out_dir / "summary.md").write_text(markdown_table(table, title=title, paired=paired))
     return summary
+
+
+def _run_device(run: Mapping[str, Any]) -> str | None:
+    """The device type a run trained on: its ``results.json``, else its saved config's
+    ``train.device`` when that names one (``None``: unknown, e.g. ``auto`` in an older run)."""
+    device = (run.get("results") or {}).get("device")
+    if device:
+        return str(device)
+    cfg_path = Path(run["run_dir"]) / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    saved = (yaml.safe_load(cfg_path.read_text()) or {}).get("train", {}).get("device")
+    return str(saved).split(":")[0] if saved in ("cpu", "cuda") or str(saved).startswith("cuda:") else None
 
 
 def _paired(table: Sequence[Mapping[str, Any]], *, device: str | None) -> list[dict[str, Any]]:
@@ -341,6 +357,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
         for d in (t or {}).get("results", []):
             for run_dir in d["diverged"]:
                 diverged.append(f"- {r['inner']} tuning {d['values']}: `{run_dir}`")
+    kinds = {d for r in rows for d in r.get("devices") or [] if d is not None}
+    if len(kinds) > 1:  # Omniglot draws its tasks on the device: different tasks per device type
+        lines += ["", "Devices per seed (runs on different device types train and test on different tasks; "
+                      "they are compared as samples, not paired over tasks):", ""]
+        lines += [f"- {r['inner']}: " + ", ".join(d or "unknown" for d in r.get("devices") or []) for r in rows]
     if diverged:
         lines += ["", "Diverged runs (reported, never averaged):", *diverged]
     tuned = [r for r in rows if r.get("tune") and r["tune"].get("results")]

@@ -541,7 +541,8 @@ class Trainer:
 
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:
         test = self.evaluate("test")
-        results: dict[str, Any] = {"iteration": self.iteration, "elapsed_s": round(self.elapsed, 3)}
+        results: dict[str, Any] = {"iteration": self.iteration, "elapsed_s": round(self.elapsed, 3),
+                                   "device": torch.device(self.device).type}
         if test is not None:
             results = {**test.to_json(self.inner_lr()), **results}
             if logger is not None:

@@ -206,6 +206,20 @@ def test_runs_on_different_test_tasks_are_not_paired_over_tasks(tmp_path: Path) 
     assert "tested on different tasks" in (tmp_path / "out/summary.md").read_text()
 
 
+def test_devices_per_seed_are_listed_when_runs_used_more_than_one(tmp_path: Path) -> None:
+    runs = [_fake_run(tmp_path, f"a{k}", [0.5, 0.6]) for k in range(3)]
+    for r, dev in zip(runs, ("cuda", "cuda", "cpu")):
+        r["results"]["device"] = dev
+    same = [_fake_run(tmp_path, f"b{k}", [0.4, 0.5]) for k in range(2)]
+    (Path(same[1]["run_dir"]) / "config.yaml").write_text("train: {device: cuda}\n")  # older run: the config says
+    s = C.summarize_compare([_row("A", runs), _row("B", same)], tmp_path / "out")
+    assert [r["devices"] for r in s["rows"]] == [["cuda", "cuda", "cpu"], [None, "cuda"]]
+    md = (tmp_path / "out/summary.md").read_text()
+    assert "- A: cuda, cuda, cpu" in md and "- B: unknown, cuda" in md
+    one = C.summarize_compare([_row("B", same)], tmp_path / "one")
+    assert "Devices per seed" not in (tmp_path / "one/summary.md").read_text() and one["rows"][0]["devices"][1] == "cuda"
+
+
 def test_all_seeds_diverged_row(tmp_path: Path) -> None:
     dead = {"run_dir": str(tmp_path / "x"), "status": "diverged", "results": None,
             "diverged": {"iteration": 1, "value": "inf"}}
