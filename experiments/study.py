@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-at-budget", action="store_true",
                    help="with --full: choose each lr on the reduced budget's tuning runs (reused), train only "
                         "the final seeds on the full schedule")
-    p.add_argument("--only", default=None, help="comma-separated optimizer labels to run (default: all)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated optimizer labels to run (default: all); the report still has every "
+                        "optimizer whose runs are finished")
+    p.add_argument("--report", action="store_true", help="train nothing: report the finished runs of every optimizer")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
     p.add_argument("--no-rerun", dest="rerun", action="store_false",
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         studies = [load_study(s) for s in args.specs]  # every spec checked before anything runs
         for study in studies:
             run_study(study, args.runs, args.results, full=args.full, tune_at_budget=args.tune_at_budget, only=only,
+                      report=args.report,
                       overrides=args.overrides, device=args.device, rerun=args.rerun,
                       retry_diverged=args.retry_diverged, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
             name = study.name + ("_full" if args.full else "")

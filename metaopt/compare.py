@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from metaopt.runs import (
     RunPool,
     _yaml_value,
     config_diff,
+    finished_run,
     per_task_test_values,
     run_config,
     test_tasks_sha256,
@@ -234,6 +235,7 @@ def compare(
     rerun: bool = True,
     retry_diverged: bool = False,
     jobs: int = 1,
+    report_only: Collection[str] = (),
     device: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -269,6 +271,10 @@ def compare(
         jobs: runs at a time, in worker processes (:class:`~metaopt.runs.RunPool`): every
             tuning run is queued first, each optimizer's final seeds as soon as its value is
             chosen. The results do not depend on it.
+        report_only: labels whose runs are only looked up (:func:`~metaopt.runs.finished_run`),
+            never trained: a row whose runs are not all finished is left out of the report and
+            named under "Not finished" (e.g. a report of every optimizer while some still train
+            in other processes).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (default: the config's).
         log: progress messages (``None``: silent).
 
@@ -288,6 +294,9 @@ def compare(
     unknown = sorted(set(grids or {}) - {label for label, _ in specs})
     if unknown:
         raise ConfigError(f"grids for unknown --inner label(s) {', '.join(unknown)}")
+    unknown = sorted(set(report_only) - {label for label, _ in specs})
+    if unknown:
+        raise ConfigError(f"report_only names unknown --inner label(s) {', '.join(unknown)}")
     # Every config (each optimizer, each grid point) is resolved before anything trains.
     plans = []
     for label, sets in specs:
@@ -309,16 +318,22 @@ def compare(
         for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
             root = (Path(tune_dir) if tune_dir is not None else out_dir) / _slug(label) / "tune"
             tune_runs[label] = _tuning_runs(label, points, tune_cfgs, root, tune_seeds)
-            for point_runs in tune_runs[label]:
+            for point_runs in tune_runs[label] if label not in report_only else ():
                 for run in point_runs:
                     pool.submit(*run)
         finals: list[tuple[dict[str, Any], list[tuple[Config, Path, str]]]] = []
+        not_finished: list[str] = []
         for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
             slug = out_dir / _slug(label)
+            fetch = pool.result if label not in report_only else _lookup
             tuning: dict[str, Any] | None = None
             final_cfg = base
             if points:
-                tuning = _tune(grid, points, tune_cfgs, tune_runs[label], pool, device=device)
+                tuning = _tune(grid, points, tune_cfgs, tune_runs[label], fetch, device=device)
+                if tuning is None:
+                    done = sum(finished_run(*run[:2]) is not None for runs in tune_runs[label] for run in runs)
+                    not_finished.append(f"{label}: tuning, {done} of {sum(map(len, tune_runs[label]))} runs finished")
+                    continue
                 if tuning["chosen"] is None:  # every grid point diverged: nothing to train
                     rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
                     continue
@@ -328,9 +343,17 @@ def compare(
                           "chosen": {k: _get(base, k) for k in fixed}}
             seed_runs = [(_with(final_cfg, {"train.seed": final_cfg["train"]["seed"] + k}), slug / f"seed{k}",
                           f"[compare] {label} seed {k} -> {slug / f'seed{k}'}") for k in range(seeds)]
+            row: dict[str, Any] = {"inner": label, "config": final_cfg, "runs": seed_runs, "tune": tuning}
+            if label in report_only:
+                found = [_lookup(*run) for run in seed_runs]
+                if any(r is None for r in found):
+                    not_finished.append(f"{label}: {sum(r is not None for r in found)} of {seeds} seeds finished")
+                    continue
+                row["runs"] = found
+                rows.append(row)
+                continue
             for run in seed_runs:
                 pool.submit(*run)
-            row: dict[str, Any] = {"inner": label, "config": final_cfg, "runs": seed_runs, "tune": tuning}
             rows.append(row)
             finals.append((row, seed_runs))
             if not pool.parallel:  # one at a time: each optimizer's row is finished before the next
@@ -339,7 +362,7 @@ def compare(
             if pool.parallel:
                 row["runs"] = [pool.result(*run) for run in seed_runs]
     title = Path(config).name if isinstance(config, (str, Path)) else ""
-    return summarize_compare(rows, out_dir, title=title, device=device,
+    return summarize_compare(rows, out_dir, title=title, device=device, not_finished=not_finished,
                              extra={"config": str(config) if isinstance(config, (str, Path)) else None,
                                     "overrides": list(overrides), "seeds": seeds,
                                     "tune_request": {"grid": default_grid, "grids": dict(grids or {}),
@@ -370,16 +393,24 @@ def _tuning_runs(label: str, points: list[dict[str, Any]], point_cfgs: list[Conf
     return out
 
 
+def _lookup(cfg: Config, run_dir: Path, message: str = "") -> dict[str, Any] | None:
+    return finished_run(cfg, run_dir)
+
+
 def _tune(grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfgs: list[Config],
-          runs: list[list[tuple[Config, Path, str]]], pool: RunPool, *, device: str | None) -> dict[str, Any]:
-    """Wait for every grid point's tuning runs, score each on validation tasks, choose."""
+          runs: list[list[tuple[Config, Path, str]]], fetch: Callable[..., dict[str, Any] | None], *,
+          device: str | None) -> dict[str, Any] | None:
+    """Every grid point's tuning runs (``fetch``: trained, or only looked up), scored on
+    validation tasks; the choice. ``None`` when a looked-up run is not finished."""
     results: list[dict[str, Any]] = []
     metric = None
     for cfg, point_runs in zip(point_cfgs, runs):
         vals: list[float | None] = []
         diverged = []
         for run in point_runs:
-            rec = pool.result(*run)
+            rec = fetch(*run)
+            if rec is None:
+                return None
             run_dir = run[1]
             metric = metric or (rec["results"] or {}).get("metric")
             v = validation_metric(run_dir, device=device) if rec["status"] == "ok" else None
@@ -455,6 +486,7 @@ __all__ = [
     "markdown_table",
     "parse_inner_specs",
     "parse_tune",
+    "finished_run",
     "per_task_test_values",
     "test_tasks_sha256",
     "reproduce",

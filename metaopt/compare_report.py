@@ -55,7 +55,8 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
 
 
 def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = "",
-                      device: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      device: str | None = None, extra: Mapping[str, Any] | None = None,
+                      not_finished: Sequence[str] = ()) -> dict[str, Any]:
     """Aggregate :func:`metaopt.compare.compare`'s runs: per optimizer the mean and Student-t
     95% CI over its finite seeds (none for one seed), diverged runs by name, paired
     differences on the same test tasks, plots; write ``summary.json`` and ``summary.md`` to
@@ -64,6 +65,7 @@ def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
     Args:
         rows: ``{"inner": label, "config": resolved config, "runs": [run_config() records],
             "tune": tuning record or None}`` per optimizer.
+        not_finished: optimizers left out because their runs are not finished, one line each.
 
     Returns:
         ``{"metric", "rows", "paired", "plots", ...extra}``; each row has ``mean``, ``ci95``
@@ -95,9 +97,9 @@ def summarize_compare(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = _plots(table, out_dir / "plots", metric=metric, title=title)
     summary = {**(extra or {}), "title": title, "metric": metric, "ci": "Student t, n-1 df, over seeds",
-               "rows": table, "paired": paired, "plots": [str(p) for p in pngs]}
+               "rows": table, "paired": paired, "plots": [str(p) for p in pngs], "not_finished": list(not_finished)}
     write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(markdown_table(table, title=title, paired=paired))
+    (out_dir / "summary.md").write_text(markdown_table(table, title=title, paired=paired, not_finished=not_finished))
     return summary
 
 
@@ -327,12 +329,12 @@ def _fmt_tuned(row: Mapping[str, Any]) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
-                   paired: Sequence[Mapping[str, Any]] = ()) -> str:
+                   paired: Sequence[Mapping[str, Any]] = (), not_finished: Sequence[str] = ()) -> str:
     """Markdown report: final test metric per optimizer (mean and Student-t 95% CI over
     seeds; one seed: ``n/a (1 seed)``), diverged runs by name, the tuning grid with each
     value's validation metric, and paired differences against the first optimizer."""
     if not rows:
-        return "(no runs)\n"
+        return "(no runs)\n" + "".join(f"- not finished: {line}\n" for line in not_finished)
     metric = rows[0]["metric"]
     lines = [f"### {title}" if title else "", "",
              (f"| inner optimizer | seeds | tuned on validation | iterations | test {metric} (mean over seeds) | "
@@ -362,6 +364,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
         lines += ["", "Devices per seed (runs on different device types train and test on different tasks; "
                       "they are compared as samples, not paired over tasks):", ""]
         lines += [f"- {r['inner']}: " + ", ".join(d or "unknown" for d in r.get("devices") or []) for r in rows]
+    if not_finished:
+        lines += ["", "Not finished (left out of this report; the same command continues them):", "",
+                  *(f"- {line}" for line in not_finished)]
     if diverged:
         lines += ["", "Diverged runs (reported, never averaged):", *diverged]
     tuned = [r for r in rows if r.get("tune") and r["tune"].get("results")]

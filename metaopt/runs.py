@@ -117,25 +117,23 @@ def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, r
         ConfigError: ``run_dir`` holds another config and ``rerun`` is False.
     """
     run_dir = Path(run_dir)
+    done = finished_run(cfg, run_dir)
+    if done is not None and not (retry_diverged and done["status"] == "diverged" and done["results"] is None):
+        return done
     saved_path = run_dir / "config.yaml"
     resume_iterations: int | None = None
     if saved_path.is_file():
         diffs = config_diff(config_mod.load(saved_path), cfg)
         ckpt = run_dir / "checkpoints" / "last.pt"
         diverged = _read_json(run_dir / "diverged.json")
-        results = _read_json(run_dir / "results.json")
         if not diffs:
-            if diverged is not None and not retry_diverged:
-                return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": diverged}
-            if diverged is not None:
+            if diverged is not None:  # retry_diverged
                 stale = _stale_dir(run_dir)
                 run_dir.rename(stale)
                 if log:
                     log(f"[compare] {run_dir}: diverged at iteration {diverged.get('iteration')} before; "
                         f"retrying (old run moved to {stale})")
-            elif results is not None and results.get("iteration") == cfg["train"]["iterations"]:
-                return _record(run_dir, results)
-            if ckpt.is_file():
+            elif ckpt.is_file():
                 resume_iterations = cfg["train"]["iterations"]
         elif ([d[0] for d in diffs] == ["train.iterations"] and diverged is None and ckpt.is_file()
               and cfg["train"]["iterations"] > diffs[0][1]):
@@ -166,6 +164,23 @@ def run_config(cfg: Config, run_dir: str | Path, *, device: str | None = None, r
         write_json(run_dir / "diverged.json", info)
         return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": info}
     return _record(run_dir, results)
+
+
+def finished_run(cfg: Config, run_dir: str | Path) -> dict[str, Any] | None:
+    """:func:`run_config`'s record of ``run_dir`` when it holds ``cfg``'s run, finished (its
+    results for ``train.iterations``) or recorded as diverged; ``None`` otherwise. Trains
+    nothing: a report of the runs that exist (``experiments/study.py --report``)."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file() or config_diff(config_mod.load(saved_path), cfg):
+        return None
+    diverged = _read_json(run_dir / "diverged.json")
+    if diverged is not None:
+        return {"run_dir": str(run_dir), "status": "diverged", "results": None, "diverged": diverged}
+    results = _read_json(run_dir / "results.json")
+    if results is not None and results.get("iteration") == cfg["train"]["iterations"]:
+        return _record(run_dir, results)
+    return None
 
 
 def _record(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -327,5 +342,5 @@ def test_tasks_sha256(run_dir: str | Path) -> str | None:
     return None
 
 
-__all__ = ["COSMETIC_KEYS", "RunPool", "config_diff", "per_task_test_values", "run_config", "test_tasks_sha256",
-           "validation_metric"]
+__all__ = ["COSMETIC_KEYS", "RunPool", "config_diff", "finished_run", "per_task_test_values", "run_config",
+           "test_tasks_sha256", "validation_metric"]

@@ -156,6 +156,7 @@ def run_study(
     full: bool = False,
     tune_at_budget: bool = False,
     only: Sequence[str] | None = None,
+    report: bool = False,
     overrides: Sequence[str] = (),
     device: str | None = None,
     rerun: bool = True,
@@ -175,7 +176,10 @@ def run_study(
         tune_at_budget: with ``full``, choose each optimizer's values on the reduced budget's
             tuning runs (``runs_dir/<name>/<label>/tune``, reused when they exist) and train
             only the final seeds on the full schedule; the report says so.
-        only: optimizer labels to run (default: all).
+        only: optimizer labels to run (default: all). The report still has every optimizer
+            whose runs are finished (the others only looked up, never trained), so processes
+            that each run some labels all write the whole report; unfinished rows are named.
+        report: train nothing; report the finished runs of every optimizer.
         overrides: extra ``--set`` items, applied last.
         rerun, retry_diverged, jobs: as in :func:`~metaopt.compare.compare`.
 
@@ -189,13 +193,16 @@ def run_study(
     if tune_at_budget and not full:
         raise ConfigError("tune_at_budget needs full=True (--tune-at-budget goes with --full)")
     chosen = list(study.optimizers)
+    labels = [o.label for o in chosen]
     if only:
-        labels = [o.label for o in chosen]
         unknown = [x for x in only if x not in labels]
         if unknown:
             raise ConfigError(f"--only: unknown optimizer label(s) {', '.join(unknown)}; known: {', '.join(labels)}")
-        chosen = [o for o in chosen if o.label in only]
-    missing = sorted({o.name for o in chosen if o.name.lower() not in optim.names()})
+    trained = [] if report else [o for o in chosen if not only or o.label in only]
+    missing = sorted({o.name for o in trained if o.name.lower() not in optim.names()})
+    # Looked-up rows whose optimizer this installation lacks cannot even be configured: named.
+    absent = [o for o in chosen if o not in trained and o.name.lower() not in optim.names()]
+    chosen = [o for o in chosen if o not in absent]
     if missing:
         raise ConfigError(f"study {study.name!r} needs inner optimizer(s) {', '.join(missing)} that this "
                           f"installation lacks (known: {', '.join(optim.names())}); run the others with --only")
@@ -209,7 +216,9 @@ def run_study(
         tune=None, tune_seeds=study.tune_seeds, tune_overrides=tune_sets,
         tune_dir=Path(runs_dir) / study.name if tune_at_budget else None, rerun=rerun,
         retry_diverged=retry_diverged, jobs=jobs, device=device, log=log,
+        report_only=[o.label for o in chosen if o.label not in {t.label for t in trained}],
     )
+    summary["not_finished"] += [f"{o.label}: inner optimizer {o.name!r} is not in this installation" for o in absent]
     out = Path(results_dir) / name
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = [Path(shutil.copyfile(png, out / "plots" / png.name)) for png in map(Path, summary["plots"])]
@@ -224,7 +233,7 @@ def run_study(
     md = (f"## {name}\n\nConfig `{study.config.name if study.config else 'defaults'}`, {budget}; "
           f"{study.seeds} seeds per optimizer, each optimizer's lr chosen on validation tasks{where} "
           f"({study.tune_seeds} tuning seed(s) per value).\n\n"
-          + markdown_table(summary["rows"], paired=summary["paired"])
+          + markdown_table(summary["rows"], paired=summary["paired"], not_finished=summary["not_finished"])
           + "\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n")
     write_report(out, "summary", {**summary, "study": study.name, "full": full, "budget": list(study.budget),
                                   "tuned_at_budget": tune_at_budget}, md)

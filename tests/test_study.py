@@ -172,3 +172,34 @@ def test_tune_at_budget_without_full_is_one_line(tmp_path: Path, capsys: pytest.
     (tmp_path / "s.yaml").write_text("name: s\noptimizers: [{name: sgd}]\n")
     assert _load_script().main([str(tmp_path / "s.yaml"), "--tune-at-budget", "--runs", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "study: error: tune_at_budget needs full=True (--tune-at-budget goes with --full)"
+
+
+def test_only_still_reports_every_finished_optimizer_and_report_trains_nothing(tmp_path: Path) -> None:
+    """Processes that each run some labels (--only) all write the whole report: finished
+    optimizers are looked up, never trained; unfinished ones are named, not shown."""
+    (tmp_path / "two.yaml").write_text(
+        "name: two\nconfig: null\nseeds: 2\n"
+        "optimizers:\n  - {label: sgd, name: sgd, tune: {inner.lr: [0.01, 0.1]}}\n  - {label: adam, name: adam}\n"
+        "overrides: [train.progress=false, train.eval_every=1, train.eval_tasks=2, train.test_tasks=4,"
+        " train.meta_batch_size=2, train.tensorboard=false, train.plots=false, train.iterations=2]\n")
+    study = load_study(tmp_path / "two.yaml")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    logged: list[str] = []
+    first = run_study(study, runs, results, only=["adam"], device="cpu", log=logged.append)
+    assert [r["inner"] for r in first["rows"]] == ["adam"] and len(logged) == 2  # adam's 2 seeds only
+    assert first["not_finished"] == ["sgd: tuning, 0 of 2 runs finished"]
+    md = (results / "two/summary.md").read_text()
+    assert "Not finished (left out of this report" in md and "- sgd: tuning, 0 of 2 runs finished" in md
+    logged.clear()
+    second = run_study(study, runs, results, only=["sgd"], device="cpu", log=logged.append)
+    assert [r["inner"] for r in second["rows"]] == ["sgd", "adam"] and second["not_finished"] == []
+    assert not any("adam" in m for m in logged)  # adam looked up, not retrained
+    assert second["rows"][1]["per_seed"] == first["rows"][0]["per_seed"]
+    # --report: nothing trains; a seed that is not finished takes its row out, named.
+    (runs / "two/sgd/seed1/results.json").unlink()
+    logged.clear()
+    rep = run_study(study, runs, results, report=True, device="cpu", log=logged.append)
+    assert logged == [] and [r["inner"] for r in rep["rows"]] == ["adam"]
+    assert rep["not_finished"] == ["sgd: 1 of 2 seeds finished"]
+    script = _load_script()
+    assert script.main([str(tmp_path / "two.yaml"), "--report", "--runs", str(runs), "--results", str(results)]) == 0
