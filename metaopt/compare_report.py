@@ -365,7 +365,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
                       "they are compared as samples, not paired over tasks):", ""]
         lines += [f"- {r['inner']}: " + ", ".join(d or "unknown" for d in r.get("devices") or []) for r in rows]
     if not_finished:
-        lines += ["", "Not finished (left out of this report; the same command continues them):", "",
+        lines += ["", "Not finished (left out of this report until their runs finish):", "",
                   *(f"- {line}" for line in not_finished)]
     if diverged:
         lines += ["", "Diverged runs (reported, never averaged):", *diverged]
