@@ -198,10 +198,10 @@ def run_study(
         unknown = [x for x in only if x not in labels]
         if unknown:
             raise ConfigError(f"--only: unknown optimizer label(s) {', '.join(unknown)}; known: {', '.join(labels)}")
-    trained = [] if report else [o for o in chosen if not only or o.label in only]
-    missing = sorted({o.name for o in trained if o.name.lower() not in optim.names()})
+    trained = set() if report else {x for x in labels if not only or x in only}
+    missing = sorted({o.name for o in chosen if o.label in trained and o.name.lower() not in optim.names()})
     # Looked-up rows whose optimizer this installation lacks cannot even be configured: named.
-    absent = [o for o in chosen if o not in trained and o.name.lower() not in optim.names()]
+    absent = [o for o in chosen if o.label not in trained and o.name.lower() not in optim.names()]
     chosen = [o for o in chosen if o not in absent]
     if missing:
         raise ConfigError(f"study {study.name!r} needs inner optimizer(s) {', '.join(missing)} that this "
@@ -216,7 +216,7 @@ def run_study(
         tune=None, tune_seeds=study.tune_seeds, tune_overrides=tune_sets,
         tune_dir=Path(runs_dir) / study.name if tune_at_budget else None, rerun=rerun,
         retry_diverged=retry_diverged, jobs=jobs, device=device, log=log,
-        report_only=[o.label for o in chosen if o.label not in {t.label for t in trained}],
+        report_only=[o.label for o in chosen if o.label not in trained],
     )
     summary["not_finished"] += [f"{o.label}: inner optimizer {o.name!r} is not in this installation" for o in absent]
     out = Path(results_dir) / name
