@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -242,13 +243,28 @@ def run_study(
 
 
 def _write_index(results_dir: Path) -> Path:
-    """``results_dir/README.md``: every setting's report, in name order."""
+    """``results_dir/README.md``: every study setting's report, in name order, then links to
+    the folder's other reports (a ``metaopt compare`` or a script writing beside the study), so
+    that a two-row comparison is not read as a setting of the study."""
     parts = ["# Inner-optimizer study\n",
              ("One section per setting (written by `experiments/study.py`; specs in `configs/study/`). "
              "Test metric: mean and Student-t 95% CI over seeds; each optimizer's lr chosen on validation "
              "tasks; paired differences on the same test tasks; diverged runs listed by name.\n")]
-    for md in sorted(results_dir.glob("*/summary.md")):
-        parts.append(md.read_text().replace("](plots/", f"]({md.parent.name}/plots/"))
+    others: list[str] = []
+    for sub in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+        md, js = sub / "summary.md", sub / "summary.json"
+        try:
+            is_study = "study" in json.loads(js.read_text())
+        except (OSError, ValueError):
+            is_study = False
+        if is_study and md.is_file():
+            parts.append(md.read_text().replace("](plots/", f"]({sub.name}/plots/"))
+        else:
+            readme = next((sub / n for n in ("README.md", "summary.md") if (sub / n).is_file()), None)
+            others.append(f"- [{sub.name}]({sub.name}/{readme.name})" if readme else f"- {sub.name}/")
+    if others:
+        parts.append("## Other reports in this folder\n\nNot settings of the study: "
+                     "their own commands and protocols are in each report.\n\n" + "\n".join(others) + "\n")
     path = results_dir / "README.md"
     path.write_text("\n".join(parts))
     return path

@@ -99,6 +99,16 @@ def test_study_script_end_to_end_and_resumable(tmp_path: Path, capsys: pytest.Ca
     assert "reduced budget: `train.iterations=3`, then `train.iterations=2" in index  # what really ran
     assert "## tiny" in index and "| torch_af − sgd |" in index and "(tiny/plots/compare_final_mse.png)" in index
     assert (tmp_path / "results/tiny/plots/compare_final_mse.png").is_file()
+    # A report beside the study's that the study did not write (a plain `metaopt compare`) is
+    # linked under "Other reports", not inlined as if it were a setting.
+    other = tmp_path / "results/plain_compare"
+    other.mkdir()
+    (other / "summary.md").write_text("### tiny.yaml\n\n| a two-row table |\n")
+    (other / "summary.json").write_text(json.dumps({"rows": []}))
+    assert mod.main(argv[:1] + ["--report"] + argv[3:]) == 0
+    index = (tmp_path / "results/README.md").read_text()
+    assert "| a two-row table |" not in index and "- [plain_compare](plain_compare/summary.md)" in index
+    assert "## tiny" in index
     # Re-running the same command trains nothing; the missing optimizer is refused by name.
     assert mod.main(argv) == 0
     assert "[compare]" not in capsys.readouterr().err

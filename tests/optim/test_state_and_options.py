@@ -125,6 +125,31 @@ def test_paper_recipe_by_kwargs():
     assert repr(a) == repr(Adafactor.paper())
 
 
+def test_paper_recipe_equals_scaled_fixed_lr_in_an_inner_loop():
+    # The relative step is min(1e-2, 1/sqrt(t)) * RMS(param) and the step counter restarts per
+    # task, so for t < 10^4 it is the constant 1e-2: the paper recipe takes the same steps as
+    # the fixed lr 0.01 with parameter scaling (the study's docs report the two rows equal).
+    # Past t = 10^4 the relative step decays and the two part: checked too, so the equality
+    # above is not vacuous.
+    paper = optim.get("adafactor_transformers", lr=None, relative_step=True, warmup_init=False)
+    fixed = optim.get("adafactor_transformers", lr=0.01, relative_step=False, warmup_init=False,
+                      scale_parameter=True)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(6, 5, generator=gen), "b": torch.zeros(5)}
+    (pa, sa), (pf, sf) = (params, paper.init(params)), (params, fixed.init(params))
+    for t in range(1, 11):  # the 10 inner steps of the study's test adaptation
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        pa, sa = paper.step(pa, grads, sa)
+        pf, sf = fixed.step(pf, grads, sf)
+        for k in params:
+            assert torch.equal(pa[k], pf[k]), (t, k)
+    # t = 40,001: 1/sqrt(t) = 0.005 < 1e-2, so the paper recipe's step is the smaller one.
+    late = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    pa2, _ = paper.step(pf, late, sa._replace(count=torch.tensor(40_000)))
+    pf2, _ = fixed.step(pf, late, sf._replace(count=torch.tensor(40_000)))
+    assert (pa2["w"] - pf["w"]).abs().sum() < 0.6 * (pf2["w"] - pf["w"]).abs().sum()
+
+
 def test_public_names():
     for name in optim.__all__:
         assert hasattr(optim, name)
