@@ -242,6 +242,11 @@ def run_study(
     return summary
 
 
+def _report(folder: Path) -> str | None:
+    """The name of ``folder``'s report (``README.md``, else ``summary.md``), if it has one."""
+    return next((n for n in ("README.md", "summary.md") if (folder / n).is_file()), None)
+
+
 def _write_index(results_dir: Path) -> Path:
     """``results_dir/README.md``: every study setting's report, in name order, then links to
     the folder's other reports (a ``metaopt compare`` or a script writing beside the study), so
@@ -259,9 +264,10 @@ def _write_index(results_dir: Path) -> Path:
             is_study = False
         if is_study and md.is_file():
             parts.append(md.read_text().replace("](plots/", f"]({sub.name}/plots/"))
-        else:
-            readme = next((sub / n for n in ("README.md", "summary.md") if (sub / n).is_file()), None)
-            others.append(f"- [{sub.name}]({sub.name}/{readme.name})" if readme else f"- {sub.name}/")
+        else:  # a report's folder, or a folder of them (one level down)
+            for d in [sub] if _report(sub) else sorted(c for c in sub.iterdir() if c.is_dir() and _report(c)):
+                rel = d.relative_to(results_dir).as_posix()
+                others.append(f"- [{rel}]({rel}/{_report(d)})")
     if others:
         parts.append("## Other reports in this folder\n\nNot settings of the study: "
                      "their own commands and protocols are in each report.\n\n" + "\n".join(others) + "\n")

@@ -108,6 +108,11 @@ def test_study_script_end_to_end_and_resumable(tmp_path: Path, capsys: pytest.Ca
     assert mod.main(argv[:1] + ["--report"] + argv[3:]) == 0
     index = (tmp_path / "results/README.md").read_text()
     assert "| a two-row table |" not in index and "- [plain_compare](plain_compare/summary.md)" in index
+    assert "ablation" not in index  # a folder without a report is not listed...
+    (tmp_path / "results/ablation/beta1").mkdir(parents=True)
+    (tmp_path / "results/ablation/beta1/README.md").write_text("# beta1\n")
+    assert mod.main(argv[:1] + ["--report"] + argv[3:]) == 0  # ...but its reports one level down are
+    assert "- [ablation/beta1](ablation/beta1/README.md)" in (tmp_path / "results/README.md").read_text()
     assert "## tiny" in index
     # Re-running the same command trains nothing; the missing optimizer is refused by name.
     assert mod.main(argv) == 0
