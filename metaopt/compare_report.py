@@ -194,6 +194,18 @@ def _band(seeds: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[lis
     return common, means, cis
 
 
+def wide_positive_range(values: Sequence[float], ratio: float = 100.0) -> bool:
+    """Whether ``values`` are all positive and finite and span more than ``ratio`` (max/min): then a
+    plot of them needs a log axis to show the small ones.
+
+    Example:
+        >>> wide_positive_range([0.36, 1.3, 40371.0]), wide_positive_range([0.36, 1.3, 2.8])
+        (True, False)
+    """
+    vals = list(values)
+    return bool(vals) and all(math.isfinite(v) and v > 0 for v in vals) and max(vals) > ratio * min(vals)
+
+
 def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, title: str) -> list[Path]:
     """Learning curves (validation metric, training meta-loss) with Student-t bands over the
     finite seeds, the final test metric per optimizer with its CI, and the tuning curves."""
@@ -239,8 +251,14 @@ def _plots(table: Sequence[Mapping[str, Any]], plot_dir: Path, *, metric: str, t
             continue
         err = None if row["ci95"] is None else [[row["ci95"] * scale], [row["ci95"] * scale]]
         ax.errorbar([i], [row["mean"] * scale], yerr=err, fmt="o", capsize=5, color="C0")
+    shown = [v * scale for r in table for v in [*r["per_seed"], r["mean"]] if v is not None]
+    if metric != "accuracy" and wide_positive_range(shown):
+        # One blown-up row (test MSE 4e4) would flatten every other row onto 0 on a linear
+        # axis; an interval reaching below 0 is drawn to the bottom of the axis.
+        ax.set_yscale("log", nonpositive="clip")
     ax.set_xticks(range(len(table)), [r["inner"] for r in table], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {metric}" + (" (%)" if metric == "accuracy" else ""))
+    ax.set_ylabel(f"test {metric}" + (" (%)" if metric == "accuracy" else "")
+                  + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_xlim(-0.5, len(table) - 0.5)
     ax.set_title("final test metric: mean ± 95% CI over seeds\n(Student t; gray: the seeds)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")

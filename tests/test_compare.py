@@ -17,6 +17,7 @@ import scipy.stats
 
 from metaopt import cli
 from metaopt import compare as C
+from metaopt import compare_report as R
 from metaopt import config as config_mod
 from metaopt.config import ConfigError
 from metaopt.train import evaluate_run
@@ -504,3 +505,24 @@ def test_validation_metric_of_a_diverged_evaluation_is_nan(tmp_path: Path, monke
     run = tmp_path / "sgd/seed0"
     monkeypatch.setattr(runs, "evaluate_run", lambda *a, **k: {"mean": None, "diverged": "val mse diverged"})
     assert math.isnan(C.validation_metric(run))
+
+
+@pytest.mark.parametrize("blown_up, scale", [(4e4, "log"), (3.0, "linear")])
+def test_final_plot_takes_a_log_axis_when_a_row_blew_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       blown_up: float, scale: str) -> None:
+    # The 5-shot study's momentum row (test MSE 2.7, 70, 40,371 over seeds) flattened every
+    # other row onto 0 on a linear axis; a log axis keeps 0.36 and 1.3 apart.
+    seen: dict[str, str] = {}
+    save = R._save
+
+    def spy(fig: Any, out_png: Path) -> Path:
+        seen[out_png.name] = fig.axes[0].get_yscale()
+        return save(fig, out_png)
+
+    monkeypatch.setattr(R, "_save", spy)
+    rows = [_row("A", [_fake_run(tmp_path, f"a{k}", [0.3 + 0.01 * k, 0.4]) for k in range(3)]),
+            _row("B", [_fake_run(tmp_path, f"b{k}", [1.2, 1.4 if k else blown_up]) for k in range(3)])]
+    C.summarize_compare(rows, tmp_path / "out")
+    assert seen["compare_final_mse.png"] == scale
+    assert R.wide_positive_range([0.3, 3e4]) and not R.wide_positive_range([-1.0, 3e4])
+    assert not R.wide_positive_range([0.3, float("nan"), 3e4]) and not R.wide_positive_range([])
