@@ -51,6 +51,7 @@ from metaopt import config as config_mod
 from metaopt import stats
 from metaopt.compare_report import markdown_table, reproduction_markdown, summarize_compare, write_report
 from metaopt.compare_report import _fmt_ci, _fmt_metric  # noqa: F401  (the formats, for callers of compare._fmt_*)
+from metaopt.compare_report import _run_device
 from metaopt.config import Config, ConfigError
 from metaopt.runs import (
     COSMETIC_KEYS,
@@ -407,11 +408,13 @@ def _tune(grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfg
     for cfg, point_runs in zip(point_cfgs, runs):
         vals: list[float | None] = []
         diverged = []
+        devices = []
         for run in point_runs:
             rec = fetch(*run)
             if rec is None:
                 return None
             run_dir = run[1]
+            devices.append(_run_device({**rec, "run_dir": str(run_dir)}))
             metric = metric or (rec["results"] or {}).get("metric")
             v = validation_metric(run_dir, device=device) if rec["status"] == "ok" else None
             if v is None or not math.isfinite(v):
@@ -421,7 +424,7 @@ def _tune(grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfg
         finite = [v for v in vals if v is not None]
         score = stats.mean_ci(finite).mean if finite and not diverged else None
         results.append({"values": {k: _get(cfg, k) for k in grid}, "val_metric": score, "per_seed": vals,
-                        "diverged": diverged})
+                        "diverged": diverged, "devices": devices})
     better = _better(metric or "mse")
     best: int | None = None
     for i, r in enumerate(results):
@@ -433,9 +436,13 @@ def _tune(grid: Mapping[str, list[Any]], points: list[dict[str, Any]], point_cfg
             nums = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
             if len(nums) == len(values) > 1 and points[best][key] in (nums[0], nums[-1]):
                 at_edge.append(key)
+    # Omniglot draws its tasks on the device that holds the images, so grid values trained on
+    # different device types were scored on different validation tasks: said in the report.
+    kinds = sorted({d for r in results for d in r["devices"] if d})
     return {"split": "val", "metric": metric, "grid": {k: list(v) for k, v in grid.items()},
             "seeds": len(runs[0]) if runs else 0, "results": results, "chosen_index": best,
-            "chosen": results[best]["values"] if best is not None else None, "at_edge": at_edge}
+            "chosen": results[best]["values"] if best is not None else None, "at_edge": at_edge,
+            "devices": kinds}
 
 
 # ============================================================================ paper reproduction

@@ -398,7 +398,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, title: str = "",
                 point = ", ".join(f"{v}" for v in d["values"].values())
                 val = "diverged" if d["val_metric"] is None else _fmt_metric(metric, d["val_metric"])
                 cells.append(f"**{point} → {val}**" if i == t["chosen_index"] else f"{point} → {val}")
-            lines.append(f"- {r['inner']} ({', '.join(t['grid'])}): " + "; ".join(cells))
+            mixed = len(t.get("devices") or []) > 1
+            lines.append(f"- {r['inner']} ({', '.join(t['grid'])}): " + "; ".join(cells)
+                         + (f" (tuned across devices: {', '.join(t['devices'])}; a task sampler on the device "
+                            "draws other validation tasks on each)" if mixed else ""))
     if paired:
         ref = paired[0]["b"]
         vs = [p for p in paired if p["b"] == ref]

@@ -409,6 +409,19 @@ def test_tune_selects_on_validation_not_test(tmp_path: Path, monkeypatch: pytest
     assert (tmp_path / "plots/compare_tune.png").is_file()
 
 
+def test_tuning_across_devices_is_said(tmp_path: Path) -> None:
+    # A grid finished partly on a GPU and partly on the CPU (Omniglot: a task sampler on the
+    # device, so other validation tasks) is reported as tuned across devices.
+    kw: dict[str, Any] = dict(overrides=QUICK, tune=["inner.lr=0.01,0.1"], device="cpu", log=None)
+    t = C.compare({}, "sgd", 1, tmp_path, **kw)["rows"][0]["tune"]
+    assert t["devices"] == ["cpu"] and "tuned across devices" not in (tmp_path / "summary.md").read_text()
+    res = tmp_path / "sgd/tune/inner.lr=0.1/seed0/results.json"
+    res.write_text(json.dumps({**json.loads(res.read_text()), "device": "cuda"}))
+    t = C.compare({}, "sgd", 1, tmp_path, **kw)["rows"][0]["tune"]  # reuses every run
+    assert t["devices"] == ["cpu", "cuda"] and [r["devices"] for r in t["results"]] == [["cpu"], ["cuda"]]
+    assert "tuned across devices: cpu, cuda" in (tmp_path / "summary.md").read_text()
+
+
 def test_entry_that_sets_the_tuned_key_is_not_tuned(tmp_path: Path) -> None:
     s = C.compare({}, "sgd:lr=0.02", 1, tmp_path, overrides=QUICK, tune=["inner.lr=0.1,0.2"], device="cpu", log=None)
     assert s["rows"][0]["tune"] == {"skipped": "inner.lr set by the --inner entry", "chosen": {"inner.lr": 0.02}}
