@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,11 @@ class NonFiniteLossError(RuntimeError):
         )
         self.iteration = iteration
         self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable (a worker process sends it back): rebuilt from its message and
+        # attributes, since __init__'s arguments are not what self.args holds.
+        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
 
 
 # ============================================================================ collectives

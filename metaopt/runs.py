@@ -195,12 +195,45 @@ def _stderr(message: str) -> None:  # a worker's log (module level: it is pickle
     print(message, file=sys.stderr, flush=True)
 
 
-def _own_process_group() -> None:
-    """Worker initializer: a terminal's Ctrl-C goes to the parent only, which then interrupts
-    each worker exactly once (a run stops on its first SIGINT after saving a checkpoint, but
-    at once on a second)."""
+# A worker process's state, for its SIGINT handler (module level: set in each worker).
+_worker_running = False  # a run is being set up or trained here
+_worker_stopping = False  # the parent has interrupted this worker
+
+
+def _worker_init() -> None:
+    """Worker initializer. Its own process group: a terminal's Ctrl-C goes to the parent
+    only, which then interrupts each worker exactly once (a run stops on its first SIGINT
+    after saving a checkpoint, but at once on a second). And a SIGINT handler for the times
+    the trainer's own is not installed (:func:`_worker_sigint`)."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
+    signal.signal(signal.SIGINT, _worker_sigint)
+
+
+def _worker_sigint(signum: int, frame: Any) -> None:
+    """A run being set up stops at once; an idle worker only remembers the interrupt. An idle
+    worker that died of it would make the executor call the pool broken and SIGTERM the
+    other workers, cutting their runs off before they save; and one that lived on as if
+    nothing happened would start a queued run after the Ctrl-C."""
+    global _worker_stopping
+    _worker_stopping = True
+    if _worker_running:
+        raise KeyboardInterrupt
+
+
+def _worker_run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_config` in a worker; refused once the worker has been interrupted."""
+    global _worker_running, _worker_stopping
+    _worker_running = True  # before the check: a SIGINT in between raises instead of being lost
+    try:
+        if _worker_stopping:
+            raise KeyboardInterrupt("not started: the pool was interrupted")
+        return run_config(*args, **kwargs)
+    except KeyboardInterrupt:  # also the trainer's TrainingInterrupted: its handler took the SIGINT
+        _worker_stopping = True
+        raise
+    finally:
+        _worker_running = False
 
 
 class RunPool:
@@ -230,7 +263,7 @@ class RunPool:
         self._log = log
         self._futures: dict[str, Future[dict[str, Any]]] = {}
         self._pool = (ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_own_process_group) if jobs > 1 else None)
+                                          initializer=_worker_init) if jobs > 1 else None)
 
     @property
     def parallel(self) -> bool:
@@ -242,7 +275,7 @@ class RunPool:
             return
         cfg = {**cfg, "train": {**cfg["train"], "progress": False}}  # bars of several workers would interleave
         self._futures[str(run_dir)] = self._pool.submit(
-            run_config, cfg, run_dir, **self._kwargs, log=_stderr if self._log is not None else None, message=message)
+            _worker_run, cfg, run_dir, **self._kwargs, log=_stderr if self._log is not None else None, message=message)
 
     def result(self, cfg: Config, run_dir: str | Path, message: str = "") -> dict[str, Any]:
         """The record of ``run_config(cfg, run_dir)``: waited for, or run now."""

@@ -117,17 +117,27 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
         self.signum = signum
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable, so a worker of `metaopt compare --jobs N` can send it back: the default
+        # (cls(*self.args)) fails in the parent, which then calls the pool broken and SIGTERMs
+        # the other workers in the middle of their own checkpoint saves.
+        return type(self), (self.iteration, self.checkpoint, self.signum)
+
 
 class _StopGuard:
     """Turn the first Ctrl-C (SIGINT) or SIGTERM (what schedulers such as Slurm and
     Kubernetes send before killing a job) into a flag checked between iterations, so the run
-    checkpoints its last finished iteration and exits; a second signal raises at once."""
+    checkpoints its last finished iteration and exits; a second signal raises at once,
+    except inside :meth:`deferred` (a checkpoint being written), where it raises as soon as
+    the write is done: a checkpoint is never cut off half-way."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._deferring = False
+        self._pending = False
 
     @property
     def hit(self) -> bool:
@@ -140,9 +150,24 @@ class _StopGuard:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.hit:
+        if not self.hit:
+            self.signum = signum
+        elif self._deferring:
+            self._pending = True
+        else:
             raise KeyboardInterrupt
-        self.signum = signum
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A second signal inside this block raises when the block ends, not in it."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc: Any) -> None:
         for s, old in self._old.items():
@@ -494,11 +519,17 @@ class Trainer:
                         bar.set_postfix(self._postfix(stats, val), refresh=False)
                     bar.update(1)
                     if t["checkpoint_every"] and it % t["checkpoint_every"] == 0 and it != total:
-                        self.save()
+                        with guard.deferred():
+                            self.save()
                     if self.sync.any(guard.hit):
-                        raise TrainingInterrupted(it, self.save(), guard.signum or signal.SIGINT)
+                        with guard.deferred():
+                            saved = self.save()
+                        raise TrainingInterrupted(it, saved, guard.signum or signal.SIGINT)
+                with guard.deferred():
+                    saved = self.save()
+                if self.sync.any(guard.hit):  # during the final save: written; the test evaluation is not
+                    raise TrainingInterrupted(total, saved, guard.signum or signal.SIGINT)
             bar.close()
-            self.save()
             return self._finish(logger)
         finally:
             bar.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -22,6 +23,7 @@ from metaopt import config as config_mod
 from metaopt.config import ConfigError
 from metaopt.train import evaluate_run
 
+REPO = Path(__file__).resolve().parents[1]
 QUICK = ["train.iterations=2", "train.eval_every=1", "train.eval_tasks=2", "train.test_tasks=4",
          "train.meta_batch_size=2", "train.progress=false", "train.plots=false", "train.tensorboard=false"]
 
@@ -373,6 +375,69 @@ def test_run_pool_interrupt_saves_the_running_runs(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "results.json").exists()
     from metaopt.rundir import load_checkpoint
     assert 0 < load_checkpoint(run_dir / "checkpoints" / "last.pt")["iteration"] < 100000
+
+
+POOL_INTERRUPT_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from metaopt import config as config_mod, runs
+
+def main():
+    root = Path(sys.argv[1])
+    fast = config_mod.resolve(config_mod.apply_overrides({}, sys.argv[2:]))
+    # r1's iterations take far longer than r0's: r0 stops and reports first, r1 is mid-iteration
+    slow = config_mod.resolve(config_mod.apply_overrides(
+        {}, sys.argv[2:] + ["train.meta_batch_size=1024", "inner.steps=5"]))
+    dirs = [root / f"r{i}" for i in range(3)]
+    cfgs = [fast, slow, fast]
+
+    def interrupt():  # Ctrl-C once both workers' runs are some iterations in
+        while not all((d / "metrics.csv").is_file() for d in dirs[:2]):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with runs.RunPool(jobs=2, device="cpu") as pool:
+            for cfg, d in zip(cfgs, dirs):
+                pool.submit(cfg, d)
+            for cfg, d in zip(cfgs, dirs):
+                pool.result(cfg, d)
+    except KeyboardInterrupt:
+        print("interrupted")
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_run_pool_interrupt_with_every_worker_busy_saves_each_run_and_starts_no_queued_one(tmp_path: Path) -> None:
+    """Ctrl-C with two runs mid-iteration (one with long iterations) and a third queued:
+    both running runs save a checkpoint, the queued one never starts, and the pool closes. (Before: a worker's
+    TrainingInterrupted could not be unpickled in the parent, the executor called the pool
+    broken and SIGTERMed the other worker mid-save: a lost checkpoint or a hang on the
+    result queue's lock; and an idle worker died of the SIGINT, with the same effect.)"""
+    import subprocess
+    import sys
+
+    from metaopt.rundir import load_checkpoint
+
+    script = tmp_path / "pool_interrupt.py"
+    script.write_text(POOL_INTERRUPT_SCRIPT)
+    argv = QUICK + ["train.iterations=100000", "train.eval_every=0", "train.checkpoint_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), *argv], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=240, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the interrupted pool did not close: {e.stderr!r}")
+    assert out.returncode == 0 and "interrupted" in out.stdout, out.stderr[-2000:]
+    for name in ("r0", "r1"):
+        ckpt = load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last.pt")
+        assert 0 < ckpt["iteration"] < 100000
+    assert not (tmp_path / "runs" / "r2").exists()
 
 
 def test_tune_selects_on_validation_not_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,6 +122,39 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path: Path, mo
     assert load_checkpoint(ckpt)["iteration"] == 3
 
 
+def test_a_second_signal_during_a_checkpoint_write_raises_only_after_it() -> None:
+    """The stop guard: the first signal is a flag; a second one raises at once, except while
+    a checkpoint is written (``deferred``), where it raises when the write is done."""
+    import signal
+
+    guard = T._StopGuard()  # its handler called directly: the same as a signal delivered
+    guard._handle(signal.SIGINT, None)
+    assert guard.hit and guard.signum == signal.SIGINT
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with guard.deferred():
+            guard._handle(signal.SIGTERM, None)  # does not raise here...
+            written.append("checkpoint")
+    assert written == ["checkpoint"]  # ...the write finished first
+    with guard.deferred():  # no second signal: nothing raised
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        guard._handle(signal.SIGINT, None)  # outside a write: at once
+
+
+@pytest.mark.parametrize("error", [
+    T.TrainingInterrupted(7, Path("run/checkpoints/last.pt"), 15),
+    NonFiniteLossError(3, float("inf"), None, what="non-finite test metric"),
+])
+def test_errors_a_worker_sends_back_survive_pickling(error: BaseException) -> None:
+    """`metaopt compare --jobs N` sends a run's exception to the parent pickled; one that
+    cannot be rebuilt there breaks the whole pool (the others are SIGTERMed mid-run)."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)
+
+
 def test_corrupt_checkpoints_give_a_clear_error(tmp_path: Path) -> None:
     Trainer(None, tmp_path, overrides=TINY + ["train.iterations=2"]).fit()
     ckpt = tmp_path / "checkpoints/last.pt"
