@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copyreg
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -79,7 +78,7 @@ class NonFiniteLossError(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Picklable (a worker process sends it back): rebuilt from its message and
         # attributes, since __init__'s arguments are not what self.args holds.
-        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
+        return type(self).__new__, (type(self), *self.args), self.__dict__
 
 
 # ============================================================================ collectives

@@ -35,11 +35,10 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +54,7 @@ from metaopt.loop import (
     meta_step,
 )
 from metaopt.precision import precision_context
+from metaopt.stopping import StopGuard, TrainingInterrupted
 from metaopt.rundir import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, RunDirLocked, RunLogger, atomic_write, load_checkpoint,
     lock_run_dir, remove_stale_temporaries, save_checkpoint, write_json,
@@ -103,75 +103,6 @@ RESUMABLE_KEYS = frozenset(
 SMALL_MODEL_PARAMS = 100_000
 # torch's own default (physical cores, or $OMP_NUM_THREADS), read before any Trainer sets it.
 _TORCH_THREADS = torch.get_num_threads()
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training; a checkpoint of the last finished iteration was
-    written. ``signum``: the signal (``signal.SIGINT`` or ``signal.SIGTERM``)."""
-
-    def __init__(self, iteration: int, checkpoint: Path | None, signum: int = signal.SIGINT) -> None:
-        where = f"; checkpoint saved to {checkpoint}" if checkpoint is not None else ""
-        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        super().__init__(f"interrupted ({name}) after iteration {iteration}{where}")
-        self.iteration = iteration
-        self.checkpoint = checkpoint
-        self.signum = signum
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Picklable, so a worker of `metaopt compare --jobs N` can send it back: the default
-        # (cls(*self.args)) fails in the parent, which then calls the pool broken and SIGTERMs
-        # the other workers in the middle of their own checkpoint saves.
-        return type(self), (self.iteration, self.checkpoint, self.signum)
-
-
-class _StopGuard:
-    """Turn the first Ctrl-C (SIGINT) or SIGTERM (what schedulers such as Slurm and
-    Kubernetes send before killing a job) into a flag checked between iterations, so the run
-    checkpoints its last finished iteration and exits; a second signal raises at once,
-    except inside :meth:`deferred` (a checkpoint being written), where it raises as soon as
-    the write is done: a checkpoint is never cut off half-way."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-        self._deferring = False
-        self._pending = False
-
-    @property
-    def hit(self) -> bool:
-        return self.signum is not None
-
-    def __enter__(self) -> _StopGuard:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.hit:
-            self.signum = signum
-        elif self._deferring:
-            self._pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """A second signal inside this block raises when the block ends, not in it."""
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
-        if self._pending:
-            self._pending = False
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
 
 
 def _default_threads(model: nn.Module) -> int:
@@ -491,7 +422,7 @@ class Trainer:
         try:
             if self.iteration == 0 and t["eval_every"] and (val := self.evaluate("val")) is not None:
                 self._log(logger, {"iteration": 0, **self._val_row(val)})
-            with _StopGuard() as guard:
+            with StopGuard() as guard:
                 while self.iteration < total:
                     started = time.perf_counter()
                     it = self.iteration + 1

@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 
+from metaopt.stopping import StopGuard
 from metaopt.tasks import Sinusoid, TaskBatch
 
 # The module (a package-level name `train` may be the function, not the module).
@@ -127,7 +128,7 @@ def test_a_second_signal_during_a_checkpoint_write_raises_only_after_it() -> Non
     a checkpoint is written (``deferred``), where it raises when the write is done."""
     import signal
 
-    guard = T._StopGuard()  # its handler called directly: the same as a signal delivered
+    guard = StopGuard()  # its handler called directly: the same as a signal delivered
     guard._handle(signal.SIGINT, None)
     assert guard.hit and guard.signum == signal.SIGINT
     written = []
