@@ -313,57 +313,72 @@ def compare(
         plans.append((label, base, grid, fixed, points, point_cfgs, tune_cfgs))
 
     rows: list[dict[str, Any]] = []
+    finals: list[tuple[dict[str, Any], list[tuple[Config, Path, str]]]] = []
+    not_finished: list[tuple[str, str]] = []
+    tune_runs: dict[str, list[list[tuple[Config, Path, str]]]] = {}
+
+    def add_row(plan: tuple[Any, ...], pool: RunPool | None) -> None:
+        """One optimizer's row: trained on ``pool``, or (``None``) only looked up."""
+        label, base, grid, fixed, points, point_cfgs, tune_cfgs = plan
+        slug = out_dir / _slug(label)
+        fetch = pool.result if pool is not None else _lookup
+        tuning: dict[str, Any] | None = None
+        final_cfg = base
+        if points:
+            tuning = _tune(grid, points, tune_cfgs, tune_runs[label], fetch, device=device)
+            if tuning is None:
+                done = sum(finished_run(*run[:2]) is not None for runs in tune_runs[label] for run in runs)
+                not_finished.append((label, f"{label}: tuning, {done} of {sum(map(len, tune_runs[label]))} runs finished"))
+                return
+            if tuning["chosen"] is None:  # every grid point diverged: nothing to train
+                rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
+                return
+            final_cfg = point_cfgs[tuning["chosen_index"]]
+        elif fixed:
+            tuning = {"skipped": f"{', '.join(fixed)} set by the --inner entry",
+                      "chosen": {k: _get(base, k) for k in fixed}}
+        seed_runs = [(_with(final_cfg, {"train.seed": final_cfg["train"]["seed"] + k}), slug / f"seed{k}",
+                      f"[compare] {label} seed {k} -> {slug / f'seed{k}'}") for k in range(seeds)]
+        row: dict[str, Any] = {"inner": label, "config": final_cfg, "runs": seed_runs, "tune": tuning}
+        if pool is None:
+            found = [_lookup(*run) for run in seed_runs]
+            if any(r is None for r in found):
+                not_finished.append((label, f"{label}: {sum(r is not None for r in found)} of {seeds} seeds finished"))
+                return
+            row["runs"] = found
+            rows.append(row)
+            return
+        for run in seed_runs:
+            pool.submit(*run)
+        rows.append(row)
+        finals.append((row, seed_runs))
+        if not pool.parallel:  # one at a time: each optimizer's row is finished before the next
+            row["runs"] = [pool.result(*run) for run in seed_runs]
+
     with RunPool(jobs, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log) as pool:
         # Every tuning run is queued before any is waited for (a no-op when jobs == 1).
-        tune_runs = {}
         for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
             root = (Path(tune_dir) if tune_dir is not None else out_dir) / _slug(label) / "tune"
             tune_runs[label] = _tuning_runs(label, points, tune_cfgs, root, tune_seeds)
             for point_runs in tune_runs[label] if label not in report_only else ():
                 for run in point_runs:
                     pool.submit(*run)
-        finals: list[tuple[dict[str, Any], list[tuple[Config, Path, str]]]] = []
-        not_finished: list[str] = []
-        for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
-            slug = out_dir / _slug(label)
-            fetch = pool.result if label not in report_only else _lookup
-            tuning: dict[str, Any] | None = None
-            final_cfg = base
-            if points:
-                tuning = _tune(grid, points, tune_cfgs, tune_runs[label], fetch, device=device)
-                if tuning is None:
-                    done = sum(finished_run(*run[:2]) is not None for runs in tune_runs[label] for run in runs)
-                    not_finished.append(f"{label}: tuning, {done} of {sum(map(len, tune_runs[label]))} runs finished")
-                    continue
-                if tuning["chosen"] is None:  # every grid point diverged: nothing to train
-                    rows.append({"inner": label, "config": base, "runs": [], "tune": tuning})
-                    continue
-                final_cfg = point_cfgs[tuning["chosen_index"]]
-            elif fixed:
-                tuning = {"skipped": f"{', '.join(fixed)} set by the --inner entry",
-                          "chosen": {k: _get(base, k) for k in fixed}}
-            seed_runs = [(_with(final_cfg, {"train.seed": final_cfg["train"]["seed"] + k}), slug / f"seed{k}",
-                          f"[compare] {label} seed {k} -> {slug / f'seed{k}'}") for k in range(seeds)]
-            row: dict[str, Any] = {"inner": label, "config": final_cfg, "runs": seed_runs, "tune": tuning}
-            if label in report_only:
-                found = [_lookup(*run) for run in seed_runs]
-                if any(r is None for r in found):
-                    not_finished.append(f"{label}: {sum(r is not None for r in found)} of {seeds} seeds finished")
-                    continue
-                row["runs"] = found
-                rows.append(row)
-                continue
-            for run in seed_runs:
-                pool.submit(*run)
-            rows.append(row)
-            finals.append((row, seed_runs))
-            if not pool.parallel:  # one at a time: each optimizer's row is finished before the next
-                row["runs"] = [pool.result(*run) for run in seed_runs]
+        for plan in plans:
+            if plan[0] not in report_only:
+                add_row(plan, pool)
         for row, seed_runs in finals:
             if pool.parallel:
                 row["runs"] = [pool.result(*run) for run in seed_runs]
+    # Rows only looked up, looked up now that this process's training is done: another
+    # process (`experiments/study.py --only`) may have finished them in the meantime.
+    for plan in plans:
+        if plan[0] in report_only:
+            add_row(plan, None)
+    order = {plan[0]: i for i, plan in enumerate(plans)}
+    rows.sort(key=lambda r: order[r["inner"]])
+    not_finished.sort(key=lambda x: order[x[0]])
     title = Path(config).name if isinstance(config, (str, Path)) else ""
-    return summarize_compare(rows, out_dir, title=title, device=device, not_finished=not_finished,
+    return summarize_compare(rows, out_dir, title=title, device=device, not_finished=[m for _, m in not_finished],
                              extra={"config": str(config) if isinstance(config, (str, Path)) else None,
                                     "overrides": list(overrides), "seeds": seeds,
                                     "tune_request": {"grid": default_grid, "grids": dict(grids or {}),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,6 +182,36 @@ def test_full_schedule_tuned_at_the_reduced_budget(tmp_path: Path) -> None:
     logged.clear()
     run_study(study, runs, results, full=True, device="cpu", log=logged.append)
     assert sum("tuning" in m for m in logged) == 3 and (runs / "tiny_full/sgd/tune").is_dir()
+
+
+def test_rows_only_looked_up_are_looked_up_after_this_process_trains(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `--only` processes: the one that finishes last writes the report, so it must look
+    the other's rows up when it is done training, not when it starts (sgd, listed first,
+    finishes while this process trains adam: sgd is in the report, not "0 of 2 finished")."""
+    from metaopt import runs as runs_mod
+
+    (tmp_path / "two.yaml").write_text(
+        "name: two\nconfig: null\nseeds: 1\n"
+        "optimizers:\n  - {label: sgd, name: sgd, tune: {inner.lr: [0.01, 0.1]}}\n  - {label: adam, name: adam}\n"
+        "overrides: [train.progress=false, train.eval_every=1, train.eval_tasks=2, train.test_tasks=4,"
+        " train.meta_batch_size=2, train.tensorboard=false, train.plots=false, train.iterations=2]\n")
+    study = load_study(tmp_path / "two.yaml")
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    real = runs_mod.run_config
+    other_done: list[bool] = []
+
+    def run_config(*args: Any, **kwargs: Any) -> Any:
+        if not other_done:  # the other process trains sgd's row while this one trains adam
+            other_done.append(True)
+            monkeypatch.setattr(runs_mod, "run_config", real)
+            run_study(study, runs, tmp_path / "other_results", only=["sgd"], device="cpu", log=None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_mod, "run_config", run_config)
+    last = run_study(study, runs, results, only=["adam"], device="cpu", log=None)
+    assert other_done and last["not_finished"] == []
+    assert [r["inner"] for r in last["rows"]] == ["sgd", "adam"]  # the spec's order
 
 
 def test_tune_at_budget_without_full_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
