@@ -31,6 +31,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -195,6 +196,9 @@ def _stderr(message: str) -> None:  # a worker's log (module level: it is pickle
     print(message, file=sys.stderr, flush=True)
 
 
+#: How long :meth:`RunPool.result` blocks at a time before letting a pending signal handler run.
+_WAIT_SLICE_S = 0.5
+
 # A worker process's state, for its SIGINT handler (module level: set in each worker).
 _worker_running = False  # a run is being set up or trained here
 _worker_stopping = False  # the parent has interrupted this worker
@@ -282,7 +286,14 @@ class RunPool:
         if self._pool is None:
             return run_config(cfg, run_dir, **self._kwargs, log=self._log, message=message)
         self.submit(cfg, run_dir, message)
-        return self._futures.pop(str(run_dir)).result()
+        future = self._futures.pop(str(run_dir))
+        # Wait in short slices: Python runs signal handlers in the main thread only, and a
+        # signal the kernel hands to another thread of this process (the executor's manager or
+        # queue-feeder thread, e.g. while the main thread has a signal pending) does not wake a
+        # main thread blocked without a timeout: Ctrl-C and SIGTERM would wait for the run to end.
+        while True:
+            with contextlib.suppress(FutureTimeout):
+                return future.result(timeout=_WAIT_SLICE_S)
 
     def close(self, *, cancel: bool = False) -> None:
         """Wait for the workers; ``cancel``: interrupt the running runs, drop the queued ones."""

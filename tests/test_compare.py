@@ -5,6 +5,7 @@ test_experiments.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -383,11 +384,14 @@ from pathlib import Path
 from metaopt import config as config_mod, runs
 
 def main():
-    root = Path(sys.argv[1])
-    fast = config_mod.resolve(config_mod.apply_overrides({}, sys.argv[2:]))
+    # Ctrl-C as from a terminal. A non-interactive shell starts a background job (`cmd &`, as
+    # a CI runner may run the tests) with SIGINT ignored, and Python then keeps it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    root, how = Path(sys.argv[1]), sys.argv[2]
+    fast = config_mod.resolve(config_mod.apply_overrides({}, sys.argv[3:]))
     # r1's iterations take far longer than r0's: r0 stops and reports first, r1 is mid-iteration
     slow = config_mod.resolve(config_mod.apply_overrides(
-        {}, sys.argv[2:] + ["train.meta_batch_size=1024", "inner.steps=5"]))
+        {}, sys.argv[3:] + ["train.meta_batch_size=1024", "inner.steps=5"]))
     dirs = [root / f"r{i}" for i in range(3)]
     cfgs = [fast, slow, fast]
 
@@ -395,7 +399,10 @@ def main():
         while not all((d / "metrics.csv").is_file() for d in dirs[:2]):
             time.sleep(0.1)
         time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGINT)
+        if how == "process":  # to the process: the kernel hands it to the (waiting) main thread
+            os.kill(os.getpid(), signal.SIGINT)
+        else:  # handled on this thread, as when the kernel picks another thread than the main one
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
     try:
@@ -412,15 +419,30 @@ if __name__ == "__main__":
 """
 
 
-# Opt-in: it timed out once in a loaded CI run (2 cores, xdist), cause not yet found; it passes
-# alone and 3 at once here. Run with METAOPT_SIGNAL_TESTS=1.
-@pytest.mark.skipif(not os.environ.get("METAOPT_SIGNAL_TESTS"), reason="opt-in: METAOPT_SIGNAL_TESTS=1")
-def test_run_pool_interrupt_with_every_worker_busy_saves_each_run_and_starts_no_queued_one(tmp_path: Path) -> None:
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (Linux /proc; elsewhere the leader only)."""
+    import signal
+
+    pids = [sid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:  # fields after "(comm)": state ppid pgrp session
+                pids.append(int(stat.parent.name))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["process", "thread"])
+def test_run_pool_interrupt_with_every_worker_busy_saves_each_run_and_starts_no_queued_one(
+        tmp_path: Path, how: str) -> None:
     """Ctrl-C with two runs mid-iteration (one with long iterations) and a third queued:
     both running runs save a checkpoint, the queued one never starts, and the pool closes. (Before: a worker's
     TrainingInterrupted could not be unpickled in the parent, the executor called the pool
     broken and SIGTERMed the other worker mid-save: a lost checkpoint or a hang on the
-    result queue's lock; and an idle worker died of the SIGINT, with the same effect.)"""
+    result queue's lock; and an idle worker died of the SIGINT, with the same effect.)
+    ``thread``: the signal is handled on another thread than the main one, which waits in
+    :meth:`RunPool.result` (before: it slept on until the run ended, here never)."""
     import subprocess
     import sys
 
@@ -431,12 +453,15 @@ def test_run_pool_interrupt_with_every_worker_busy_saves_each_run_and_starts_no_
     argv = QUICK + ["train.iterations=100000", "train.eval_every=0", "train.checkpoint_every=100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "runs"), how, *argv], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), *argv], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=240, start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the interrupted pool did not close: {e.stderr!r}")
-    assert out.returncode == 0 and "interrupted" in out.stdout, out.stderr[-2000:]
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)  # the workers too (own process groups, same session): they would train on
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the interrupted pool did not close in 180 s: {stderr[-2000:]!r}")
+    assert proc.returncode == 0 and "interrupted" in stdout, stderr[-2000:]
     for name in ("r0", "r1"):
         ckpt = load_checkpoint(tmp_path / "runs" / name / "checkpoints" / "last.pt")
         assert 0 < ckpt["iteration"] < 100000
