@@ -43,7 +43,7 @@ import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -221,6 +221,18 @@ def _better(metric: str) -> Callable[[float, float], bool]:
 # ============================================================================ compare
 
 
+class _Plan(NamedTuple):
+    """One ``--inner`` entry of :func:`compare`, resolved before anything trains."""
+
+    label: str
+    base: Config  # the entry's config (no grid point applied)
+    grid: dict[str, list[Any]]  # the keys tuned and their values (``fixed`` keys removed)
+    fixed: dict[str, list[Any]]  # grid keys the entry sets itself: not tuned
+    points: list[dict[str, Any]]  # the grid's points, key -> value
+    point_cfgs: list[Config]  # ``base`` at each point (the final seeds' budget)
+    tune_cfgs: list[Config]  # the same points on the tuning budget
+
+
 def compare(
     config: str | Path | Mapping[str, Any],
     inner: str | Sequence[str] | Mapping[str, str | Mapping[str, Any]],
@@ -299,7 +311,7 @@ def compare(
     if unknown:
         raise ConfigError(f"report_only names unknown --inner label(s) {', '.join(unknown)}")
     # Every config (each optimizer, each grid point) is resolved before anything trains.
-    plans = []
+    plans: list[_Plan] = []
     for label, sets in specs:
         base = _inner_config(config, overrides, sets)
         grid = parse_tune(grids[label]) if grids and label in grids else default_grid
@@ -310,14 +322,14 @@ def compare(
         # The tuning runs' own configs: the same points on the tuning budget, when one is given.
         tune_cfgs = (point_cfgs if tune_overrides is None
                      else [_with(_inner_config(config, tune_overrides, sets), p) for p in points])
-        plans.append((label, base, grid, fixed, points, point_cfgs, tune_cfgs))
+        plans.append(_Plan(label, base, grid, fixed, points, point_cfgs, tune_cfgs))
 
     rows: list[dict[str, Any]] = []
     finals: list[tuple[dict[str, Any], list[tuple[Config, Path, str]]]] = []
     not_finished: list[tuple[str, str]] = []
     tune_runs: dict[str, list[list[tuple[Config, Path, str]]]] = {}
 
-    def add_row(plan: tuple[Any, ...], pool: RunPool | None) -> None:
+    def add_row(plan: _Plan, pool: RunPool | None) -> None:
         """One optimizer's row: trained on ``pool``, or (``None``) only looked up."""
         label, base, grid, fixed, points, point_cfgs, tune_cfgs = plan
         slug = out_dir / _slug(label)
@@ -357,14 +369,14 @@ def compare(
 
     with RunPool(jobs, device=device, rerun=rerun, retry_diverged=retry_diverged, log=log) as pool:
         # Every tuning run is queued before any is waited for (a no-op when jobs == 1).
-        for label, base, grid, fixed, points, point_cfgs, tune_cfgs in plans:
-            root = (Path(tune_dir) if tune_dir is not None else out_dir) / _slug(label) / "tune"
-            tune_runs[label] = _tuning_runs(label, points, tune_cfgs, root, tune_seeds)
-            for point_runs in tune_runs[label] if label not in report_only else ():
+        for plan in plans:
+            root = (Path(tune_dir) if tune_dir is not None else out_dir) / _slug(plan.label) / "tune"
+            tune_runs[plan.label] = _tuning_runs(plan.label, plan.points, plan.tune_cfgs, root, tune_seeds)
+            for point_runs in tune_runs[plan.label] if plan.label not in report_only else ():
                 for run in point_runs:
                     pool.submit(*run)
         for plan in plans:
-            if plan[0] not in report_only:
+            if plan.label not in report_only:
                 add_row(plan, pool)
         for row, seed_runs in finals:
             if pool.parallel:
@@ -372,9 +384,9 @@ def compare(
     # Rows only looked up, looked up now that this process's training is done: another
     # process (`experiments/study.py --only`) may have finished them in the meantime.
     for plan in plans:
-        if plan[0] in report_only:
+        if plan.label in report_only:
             add_row(plan, None)
-    order = {plan[0]: i for i, plan in enumerate(plans)}
+    order = {plan.label: i for i, plan in enumerate(plans)}
     rows.sort(key=lambda r: order[r["inner"]])
     not_finished.sort(key=lambda x: order[x[0]])
     title = Path(config).name if isinstance(config, (str, Path)) else ""
