@@ -450,14 +450,10 @@ class Trainer:
                         bar.set_postfix(self._postfix(stats, val), refresh=False)
                     bar.update(1)
                     if t["checkpoint_every"] and it % t["checkpoint_every"] == 0 and it != total:
-                        with guard.deferred():
-                            self.save()
+                        self._save_whole(guard)
                     if self.sync.any(guard.hit):
-                        with guard.deferred():
-                            saved = self.save()
-                        raise TrainingInterrupted(it, saved, guard.signum or signal.SIGINT)
-                with guard.deferred():
-                    saved = self.save()
+                        raise TrainingInterrupted(it, self._save_whole(guard), guard.signum or signal.SIGINT)
+                saved = self._save_whole(guard)
                 if self.sync.any(guard.hit):  # during the final save: written; the test evaluation is not
                     raise TrainingInterrupted(total, saved, guard.signum or signal.SIGINT)
             bar.close()
@@ -466,6 +462,11 @@ class Trainer:
             bar.close()
             if logger is not None:
                 logger.close()
+
+    def _save_whole(self, guard: StopGuard) -> Path | None:
+        # A second Ctrl-C/SIGTERM waits until the checkpoint is written (never half a file).
+        with guard.deferred():
+            return self.save()
 
     def _val_row(self, val: EvalResult) -> dict[str, Any]:
         ci = math.nan if val.ci95 is None else val.ci95
