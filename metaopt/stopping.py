@@ -45,7 +45,9 @@ class StopGuard:
     Kubernetes send before killing a job) into a flag checked between iterations, so the run
     checkpoints its last finished iteration and exits; a second signal raises at once,
     except inside :meth:`deferred` (a checkpoint being written), where it raises as soon as
-    the write is done: a checkpoint is never cut off half-way."""
+    the write is done: a checkpoint is never cut off half-way. A signal the process ignores
+    (SIGINT of a background job started by a non-interactive shell) stays ignored: stop such
+    a job with SIGTERM."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -62,7 +64,12 @@ class StopGuard:
     def __enter__(self) -> StopGuard:
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
+                # An ignored signal stays ignored: a non-interactive shell starts a background
+                # job (`cmd &` in a script) with SIGINT ignored so that a Ctrl-C of the script
+                # leaves it running. Taking it over only inside the loop stopped such a job on
+                # a SIGINT that landed in the loop and dropped one that landed in an evaluation.
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:

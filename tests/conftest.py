@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 def _omniglot_root() -> Path:
     env = os.environ.get("METAOPT_OMNIGLOT")
     return Path(env) if env else REPO.parent / "shared" / "data" / "omniglot"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests send Ctrl-C (SIGINT) to the runs they start. A CI runner may start pytest the way
+    # a script starts a background job, with SIGINT ignored, which every child would inherit
+    # and metaopt would respect (a run stops on SIGTERM only then): Ctrl-C as from a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,26 @@ def test_a_second_signal_during_a_checkpoint_write_raises_only_after_it() -> Non
         guard._handle(signal.SIGINT, None)  # outside a write: at once
 
 
+def test_the_stop_guard_leaves_an_ignored_signal_ignored() -> None:
+    """A background job of a non-interactive shell ignores SIGINT. The guard keeps it so
+    (before: it handled SIGINT inside the training loop only, so a SIGINT stopped the job or
+    was dropped depending on where it landed); SIGTERM is still taken, and both come back."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopGuard() as guard:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == guard._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopGuard() as guard:
+            assert signal.getsignal(signal.SIGINT) == guard._handle
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("error", [
     T.TrainingInterrupted(7, Path("run/checkpoints/last.pt"), 15),
     NonFiniteLossError(3, float("inf"), None, what="non-finite test metric"),
