@@ -31,7 +31,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -291,9 +291,10 @@ class RunPool:
         # signal the kernel hands to another thread of this process (the executor's manager or
         # queue-feeder thread, e.g. while the main thread has a signal pending) does not wake a
         # main thread blocked without a timeout: Ctrl-C and SIGTERM would wait for the run to end.
-        while True:
-            with contextlib.suppress(FutureTimeout):
-                return future.result(timeout=_WAIT_SLICE_S)
+        # (`wait`, not `result(timeout)`: a run's own TimeoutError must not read as "not yet".)
+        while not future.done():
+            futures_wait([future], timeout=_WAIT_SLICE_S)
+        return future.result()
 
     def close(self, *, cancel: bool = False) -> None:
         """Wait for the workers; ``cancel``: interrupt the running runs, drop the queued ones."""

@@ -21,6 +21,7 @@ from metaopt import cli
 from metaopt import compare as C
 from metaopt import compare_report as R
 from metaopt import config as config_mod
+from metaopt import runs as runs_mod
 from metaopt.config import ConfigError
 from metaopt.train import evaluate_run
 
@@ -417,6 +418,30 @@ def main():
 if __name__ == "__main__":
     main()
 """
+
+
+def test_run_pool_result_passes_on_a_runs_own_timeout_error() -> None:
+    # RunPool.result waits in slices; a TimeoutError raised by the run itself is its outcome,
+    # not "still running" (waiting with result(timeout=...) would loop on it for ever).
+    import threading
+    from concurrent.futures import Future
+
+    with runs_mod.RunPool(jobs=2) as pool:
+        done: Future[dict[str, Any]] = Future()
+        done.set_exception(TimeoutError("the run's own timeout"))
+        pool._futures["r"] = done
+        raised: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                pool.result({}, "r")
+            except TimeoutError as e:
+                raised.append(e)
+
+        t = threading.Thread(target=wait, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and [str(e) for e in raised] == ["the run's own timeout"]
 
 
 def _kill_session(sid: int) -> None:
