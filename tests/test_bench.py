@@ -286,3 +286,43 @@ def test_measure_points_interleaves_points_when_asked(monkeypatch: pytest.Monkey
     calls.clear()
     curves.measure_points(pts, ["metaopt-loop", "plain"], torch.device("cpu"), repeats=1, warmup=0, memory="off")
     assert calls == [[("a", "metaopt-loop"), ("a", "plain")], [("b", "metaopt-loop")]]
+
+
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_an_interrupted_case_keeps_its_finished_repeats(stop_after: int, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (`timeout --signal=INT`) during a case's timing: the repeats that every
+    implementation finished are reported, and the heading says how many; a case with no
+    whole repeat is left out; the next cases are not measured."""
+    from metaopt.bench import measure
+    real = measure.time_interleaved
+
+    def interrupted(its, repeats, warmup, iterations, log=lambda s: None, times=None):
+        def stop_log(line: str) -> None:
+            log(line)
+            if line.strip().startswith(f"repeat {stop_after}/"):
+                raise KeyboardInterrupt
+        if stop_after == 0:  # during the first repeat: one implementation timed, the others not
+            first = next(iter(its))
+            times = {} if times is None else times
+            times.update({k: [] for k in its})
+            times[first].append(0.1)
+            raise KeyboardInterrupt
+        return real(its, repeats, warmup, iterations, stop_log, times)
+
+    monkeypatch.setattr(measure, "time_interleaved", interrupted)
+    code = bench.run(_args("--tiny", "--workloads", "S1", "--inner", "sgd", "adafactor", "--order", "second",
+                           "--impls", "metaopt-loop", "plain", "--repeats", "3", "--warmup", "0",
+                           "--memory", "off", "--no-check", "--quiet", "--no-memory-report"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "**Interrupted**" in out
+    assert "### S1 · adafactor inner" not in out  # after the interruption: not measured
+    if stop_after == 0:
+        assert "### S1 · sgd inner" not in out
+        return
+    assert "### S1 · sgd inner · second order" in out and "(interrupted: 2 of 3 repeats)" in out
+    table = out.split("### S1 · sgd inner")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| metaopt per-task loop |")
+            or line.startswith("| plain PyTorch loop |")]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)

@@ -192,17 +192,22 @@ def build_iteration(impl: Impl, case: Case, device: str | torch.device, seed: in
 
 
 def time_interleaved(its: Mapping[Any, MetaIteration], repeats: int, warmup: int, iterations: int,
-                     log: Callable[[str], None] = lambda s: None) -> dict[Any, list[float]]:
+                     log: Callable[[str], None] = lambda s: None,
+                     times: dict[Any, list[float]] | None = None) -> dict[Any, list[float]]:
     """Seconds per meta-iteration for each implementation, one entry per repeat.
 
     Implementations alternate (A B C A B C ...) so that a slow phase of the machine (another
     process, thermal state) is shared by all of them instead of landing on one.
+
+    ``times``: a dict to fill in place (and return), so that a caller interrupted half way
+    (Ctrl-C, ``timeout --signal=INT``) keeps the repeats already timed.
     """
+    times = {} if times is None else times
+    times.update({k: [] for k in its})
     for _ in range(warmup):
         for it in its.values():
             it()
             it.sync()
-    times: dict[Any, list[float]] = {k: [] for k in its}
     for r in range(repeats):
         for k, it in its.items():
             gc.collect()

@@ -266,6 +266,8 @@ def to_markdown(res: dict[str, Any]) -> str:
             head += f" — {c['flops'] / 1e9:.3g} GFLOP/meta-it"
             if c.get("floor_tasks_s"):
                 head += f", floor {c['floor_tasks_s']:.4g} tasks/s at {m['peak_tflops']:g} TFLOP/s"
+        if "repeats_done" in c:
+            head += f" (interrupted: {c['repeats_done']} of {m['repeats']} repeats)"
         L.append(head)
         L.append("")
         L.append("| implementation | meta-it/s | tasks/s | ×peer | GFLOP/s | peak MiB | note |")
