@@ -40,6 +40,7 @@ from metaopt.tasks.base import model_args
 __all__ = [
     "INNER_OWN_KEYS",
     "LEARN_LR_MODES",
+    "OUTER_OWN_KEYS",
     "accepted_kwargs",
     "build_inner",
     "build_maml",
@@ -50,12 +51,16 @@ __all__ = [
     "learn_lr_mode",
     "model_factory",
     "model_names",
+    "outer_param_groups",
     "resolve_device",
     "task_kwargs",
 ]
 
 #: Keys of the ``inner`` section that MAML reads; every other key goes to the optimizer.
 INNER_OWN_KEYS = frozenset({"name", "steps", "eval_steps", "first_order", "learn_lr"})
+#: Keys of the ``outer`` section that are not arguments of the optimizer's constructor
+#: (``name`` and ``impl`` pick the class).
+OUTER_OWN_KEYS = frozenset({"hparams_lr"})
 
 
 def accepted_kwargs(factory: Callable[..., Any]) -> set[str] | None:
@@ -276,9 +281,45 @@ def build_maml(cfg: Mapping[str, Any], model: nn.Module, loss_fn: Callable[[Tens
                 eval_inner_steps=c["eval_steps"])
 
 
-def build_outer(cfg: Mapping[str, Any], params: Iterable[Tensor]) -> torch.optim.Optimizer:
-    """The outer (meta-) optimizer of ``cfg["outer"]`` over ``params``."""
+def outer_param_groups(cfg: Mapping[str, Any], maml: MAML) -> list[Tensor] | list[dict[str, Any]]:
+    """What the outer optimizer trains: every parameter of ``maml`` (the model's weights and
+    the inner optimizer's meta-learned hyperparameters, such as ``inner.learn_lr``'s rates).
+
+    With ``outer.hparams_lr`` the hyperparameters form a second parameter group with that
+    lr. One outer lr moves every parameter by about the same amount per step (Adam: about
+    lr); an inner lr of 1e-3 (Adam, Adafactor) moved by 1e-3 per meta-iteration changes
+    sign within a few of them, while SGD's 0.1 barely notices. Without ``hparams_lr``: one
+    group, as before (checkpoints stay loadable).
+
+    Example:
+        >>> import torch
+        >>> from metaopt.config import resolve
+        >>> cfg = resolve({"inner": {"name": "adam", "lr": 0.001, "learn_lr": "per_layer"},
+        ...                "outer": {"hparams_lr": 1e-5}})
+        >>> maml = build_maml(cfg, torch.nn.Linear(1, 1), torch.nn.functional.mse_loss)
+        >>> groups = outer_param_groups(cfg, maml)
+        >>> [len(g["params"]) for g in groups], groups[1]["lr"]
+        ([2, 2], 1e-05)
+    """
+    hp_lr = cfg["outer"].get("hparams_lr")
+    params: list[Tensor] = list(maml.parameters())
+    if hp_lr is None:
+        return params
+    model_ids = {id(p) for p in maml.model.parameters()}
+    hparams = [p for p in params if id(p) not in model_ids]
+    if not hparams:
+        raise ConfigError(f"config key 'outer.hparams_lr' is {hp_lr!r} but the inner optimizer meta-learns "
+                          "nothing: set inner.learn_lr, or leave outer.hparams_lr null")
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) in model_ids]},
+                                    {"params": hparams, "lr": float(hp_lr)}]
+    return groups
+
+
+def build_outer(cfg: Mapping[str, Any], params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The outer (meta-) optimizer of ``cfg["outer"]`` over ``params`` (tensors or parameter
+    groups, e.g. :func:`outer_param_groups`)."""
+    spec = {k: v for k, v in cfg["outer"].items() if k not in OUTER_OWN_KEYS}
     try:
-        return build_outer_optimizer(cfg["outer"], params)
+        return build_outer_optimizer(spec, params)
     except ValueError as e:
         raise ConfigError(f"config section 'outer': {e}") from None

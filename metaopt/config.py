@@ -47,7 +47,7 @@ import yaml
 from metaopt import optim
 from metaopt import outer as outer_mod
 from metaopt import tasks as tasks_mod
-from metaopt.build import INNER_OWN_KEYS, accepted_kwargs, learn_lr_mode, model_factory, model_names
+from metaopt.build import INNER_OWN_KEYS, OUTER_OWN_KEYS, accepted_kwargs, learn_lr_mode, model_factory, model_names
 from metaopt.checks import ConfigError, check_choice, check_float, check_int, check_keys
 from metaopt.rundir import atomic_write
 from metaopt.tasks.base import default_models
@@ -101,6 +101,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                     help="outer learning rate; null only for transformers' Adafactor (relative step)"),
         "impl": Field("str", "torch", choices=("torch", "transformers"),
                       help="adafactor implementation: torch.optim.Adafactor or transformers'"),
+        "hparams_lr": Field("float", None, nullable=True, min=0.0,
+                            help="outer lr of the meta-learned inner hyperparameters (inner.learn_lr's rates; "
+                                 "null: outer.lr)"),
     },
     "train": {
         "iterations": Field("int", 5000, min=1, help="meta-iterations (paper: 70000 sinusoid, 60000 omniglot)"),
@@ -373,8 +376,12 @@ def _check_outer(outer: dict[str, Any]) -> None:
             "config key 'outer.lr': must not be null (only transformers' Adafactor has a relative-step mode "
             "without a learning rate)"
         )
+    if outer["hparams_lr"] is not None and outer["lr"] is None:
+        raise ConfigError("config key 'outer.hparams_lr' needs an outer lr: transformers' Adafactor in "
+                          "relative-step mode (outer.lr null) has no lr to set per group")
     try:  # the constructor validates the hyperparameters (betas, eps, weight_decay, ...)
-        outer_mod.build_outer_optimizer(outer, [torch.nn.Parameter(torch.zeros(2, 2))])
+        outer_mod.build_outer_optimizer({k: v for k, v in outer.items() if k not in OUTER_OWN_KEYS},
+                                        [torch.nn.Parameter(torch.zeros(2, 2))])
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise ConfigError(f"config section 'outer' ({outer['name']}, {outer['impl']}): {e}") from None
 

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from metaopt import config as config_mod
 from metaopt import distributed as dist_mod
-from metaopt.build import build_maml, build_model, build_outer, build_tasks, has_splits, resolve_device
+from metaopt.build import (build_maml, build_model, build_outer, build_tasks, has_splits, outer_param_groups,
+                           resolve_device)
 from metaopt.checks import check_choice, check_int
 from metaopt.config import Config, ConfigError
 from metaopt.loop import (
@@ -233,7 +234,7 @@ class Trainer:
                                inner=inner).to(self.device)
         if ctx is not None:
             ctx.broadcast_parameters(self.maml)  # every rank starts from rank 0's weights
-        self.outer = build_outer(self.cfg, self.maml.parameters())
+        self.outer = build_outer(self.cfg, outer_param_groups(self.cfg, self.maml))
         # float16's 5 exponent bits: the outer gradient through the 16-bit query forward is
         # loss-scaled (bfloat16 has float32's range; the inner loop runs in float32 anyway).
         self.scaler = torch.amp.GradScaler(self.device.type) if t["precision"] == "fp16" else None

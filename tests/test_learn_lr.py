@@ -214,7 +214,8 @@ def test_meta_gradient_of_per_layer_rates_matches_finite_differences(label: str)
     ["inner.name=adafactor_transformers", "inner.relative_step=false", "inner.warmup_init=false",
      "inner.scale_parameter=false", "inner.lr=0.03", "inner.learn_lr=per_layer"],
     ["inner.name=sgd", "inner.lr=0.05", "inner.learn_lr=per_element"],
-], ids=["per_layer-adafactor_hf", "per_element-sgd"])
+    ["inner.name=adam", "inner.lr=0.001", "inner.learn_lr=per_layer", "outer.hparams_lr=1e-4"],
+], ids=["per_layer-adafactor_hf", "per_element-sgd", "per_layer-adam-hparams_lr"])
 def test_resume_round_trips_the_learned_rates(tmp_path: Path, sets: list[str]) -> None:
     """Train 10 iterations, checkpoint, resume to 20: equal to 20 uninterrupted, the learned
     rates included (and they did move from their initial value)."""
@@ -229,6 +230,52 @@ def test_resume_round_trips_the_learned_rates(tmp_path: Path, sets: list[str]) -
     assert len(rates) == 4  # net.{0,2}.{weight,bias}
     init = float(next(s for s in sets if s.startswith("inner.lr=")).split("=")[1])
     assert any(not torch.allclose(v, torch.full_like(v, init)) for v in rates.values())
+
+
+# ----------------------------------------------------------------------------- outer.hparams_lr
+
+
+def _one_outer_step(tmp_path: Path, sets: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+    """The model's weights and the learned rates before and after one meta-iteration."""
+    tr = T.Trainer(None, tmp_path, overrides=TINY + ["model.hidden_sizes=[8]", "train.iterations=1",
+                                                     "train.eval_every=0"] + sets)
+    before = {k: v.detach().clone() for k, v in tr.maml.named_parameters()}
+    tr.fit()
+    after = {k: v.detach().clone() for k, v in tr.maml.named_parameters()}
+    return before, after, tr
+
+
+def test_hparams_lr_gives_the_learned_rates_their_own_outer_lr(tmp_path: Path) -> None:
+    """With outer.hparams_lr the rates are a second group: Adam's first step moves each one
+    by lr * g / (|g| + eps), i.e. by hparams_lr where its meta-gradient is not tiny, and the
+    weights by outer.lr. Without it: one group, every parameter at outer.lr (as before)."""
+    sets = ["inner.name=adam", "inner.lr=0.001", "inner.learn_lr=per_layer", "outer.lr=0.001"]
+    before, after, tr = _one_outer_step(tmp_path / "split", sets + ["outer.hparams_lr=1e-5"])
+    assert [g["lr"] for g in tr.outer.param_groups] == [1e-3, 1e-5]
+    rates = [k for k in before if k.startswith("inner_hparams.")]
+    weights = [k for k in before if k.startswith("model.")]
+    assert len(rates) == 4 and len(weights) == 4
+    assert [id(p) for p in tr.outer.param_groups[1]["params"]] == [id(tr.maml.get_parameter(k)) for k in rates]
+    for keys, lr in ((rates, 1e-5), (weights, 1e-3)):
+        moved = torch.cat([(after[k] - before[k]).abs().flatten() for k in keys])
+        assert float(moved.max()) <= lr * (1 + 1e-5)
+        assert float(moved.max()) == pytest.approx(lr, rel=1e-3)
+    before, after, tr = _one_outer_step(tmp_path / "one", sets)
+    assert len(tr.outer.param_groups) == 1 and tr.outer.param_groups[0]["lr"] == 1e-3
+    moved = torch.cat([(after[k] - before[k]).abs().flatten() for k in rates])
+    assert float(moved.max()) == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["outer.hparams_lr=1e-5"], r"outer.hparams_lr' is 1e-05 but the inner optimizer meta-learns nothing"),
+    (["outer.hparams_lr=-1"], r"outer.hparams_lr"),
+    (["outer.name=adafactor", "outer.impl=transformers", "outer.lr=null", "outer.hparams_lr=1e-5",
+      "inner.learn_lr=true"], r"outer.hparams_lr' needs an outer lr"),
+], ids=["nothing-learned", "negative", "relative-step-outer"])
+def test_a_bad_hparams_lr_is_a_one_line_error_naming_it(tmp_path: Path, sets: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        T.Trainer(None, tmp_path, overrides=TINY + ["train.iterations=1"] + sets)
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- study rows
