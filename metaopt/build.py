@@ -51,6 +51,7 @@ __all__ = [
     "learn_lr_mode",
     "model_factory",
     "model_names",
+    "outer_optimizer_args",
     "outer_param_groups",
     "resolve_device",
     "task_kwargs",
@@ -61,6 +62,12 @@ INNER_OWN_KEYS = frozenset({"name", "steps", "eval_steps", "first_order", "learn
 #: Keys of the ``outer`` section that are not arguments of the optimizer's constructor
 #: (``name`` and ``impl`` pick the class).
 OUTER_OWN_KEYS = frozenset({"hparams_lr"})
+
+
+def outer_optimizer_args(outer: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``outer`` section without the keys that are not the optimizer's (``OUTER_OWN_KEYS``):
+    what :func:`metaopt.outer.build_outer_optimizer` takes."""
+    return {k: v for k, v in outer.items() if k not in OUTER_OWN_KEYS}
 
 
 def accepted_kwargs(factory: Callable[..., Any]) -> set[str] | None:
@@ -318,8 +325,7 @@ def outer_param_groups(cfg: Mapping[str, Any], maml: MAML) -> list[Tensor] | lis
 def build_outer(cfg: Mapping[str, Any], params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> torch.optim.Optimizer:
     """The outer (meta-) optimizer of ``cfg["outer"]`` over ``params`` (tensors or parameter
     groups, e.g. :func:`outer_param_groups`)."""
-    spec = {k: v for k, v in cfg["outer"].items() if k not in OUTER_OWN_KEYS}
     try:
-        return build_outer_optimizer(spec, params)
+        return build_outer_optimizer(outer_optimizer_args(cfg["outer"]), params)
     except ValueError as e:
         raise ConfigError(f"config section 'outer': {e}") from None

@@ -47,7 +47,8 @@ import yaml
 from metaopt import optim
 from metaopt import outer as outer_mod
 from metaopt import tasks as tasks_mod
-from metaopt.build import INNER_OWN_KEYS, OUTER_OWN_KEYS, accepted_kwargs, learn_lr_mode, model_factory, model_names
+from metaopt.build import (INNER_OWN_KEYS, accepted_kwargs, learn_lr_mode, model_factory, model_names,
+                           outer_optimizer_args)
 from metaopt.checks import ConfigError, check_choice, check_float, check_int, check_keys
 from metaopt.rundir import atomic_write
 from metaopt.tasks.base import default_models
@@ -380,8 +381,7 @@ def _check_outer(outer: dict[str, Any]) -> None:
         raise ConfigError("config key 'outer.hparams_lr' needs an outer lr: transformers' Adafactor in "
                           "relative-step mode (outer.lr null) has no lr to set per group")
     try:  # the constructor validates the hyperparameters (betas, eps, weight_decay, ...)
-        outer_mod.build_outer_optimizer({k: v for k, v in outer.items() if k not in OUTER_OWN_KEYS},
-                                        [torch.nn.Parameter(torch.zeros(2, 2))])
+        outer_mod.build_outer_optimizer(outer_optimizer_args(outer), [torch.nn.Parameter(torch.zeros(2, 2))])
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise ConfigError(f"config section 'outer' ({outer['name']}, {outer['impl']}): {e}") from None
 

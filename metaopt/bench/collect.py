@@ -83,11 +83,10 @@ def _speed(plan: Plan, impls: list[Any], peers: list[dict[str, Any]], failed: se
                     row.update(status="error", reason=f"error: {type(e).__name__}: {e}")
             rows.append(row)
         times: dict[str, list[float]] = {}
-        interrupted = False
+        done: int | None = None  # repeats every implementation finished, when interrupted
         try:
             time_interleaved(its, plan.repeats, plan.warmup, iterations, log, times=times)
         except KeyboardInterrupt:  # keep the repeats every implementation finished, then stop
-            interrupted = True
             done = min((len(v) for v in times.values()), default=0)
             times = {k: v[:done] for k, v in times.items()} if done else {}
         except Exception as e:  # noqa: BLE001
@@ -105,9 +104,9 @@ def _speed(plan: Plan, impls: list[Any], peers: list[dict[str, Any]], failed: se
                  "meta_batch": w.meta_batch, "iterations": iterations, "flops": flops, "rows": rows}
         if flops and peak:
             entry["floor_tasks_s"] = w.meta_batch / (flops / (peak * 1e12))
-        if interrupted:
-            if times:  # a case with at least one whole repeat is reported, saying how many
-                entry["repeats_done"] = len(next(iter(times.values())))
+        if done is not None:
+            if done:  # a case with at least one whole repeat is reported, saying how many
+                entry["repeats_done"] = done
                 out.append(entry)
             raise KeyboardInterrupt
         out.append(entry)
